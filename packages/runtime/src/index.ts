@@ -1,0 +1,4 @@
+export { runService, die, type ServiceContext, type ServiceHooks, type ServiceDefinitionOptions, type ClientCtor } from "./service";
+export { HealthImplementation } from "./health";
+export { ProbeRouter, ProbeError, checkRoute } from "./probe";
+export { unary, GrpcError } from "./grpc";

@@ -1,0 +1,3 @@
+export { startTelemetry, shutdownTelemetry, telemetryStarted, type TelemetryOptions } from "./sdk";
+export { createLogger, type Logger } from "./logger";
+export { tracedPublish, tracedRequest, extractContext, withConsumerSpan } from "./nats";
