@@ -11,6 +11,9 @@ export default tseslint.config(
       "@typescript-eslint/no-unused-vars": ["error", { argsIgnorePattern: "^_", varsIgnorePattern: "^_", caughtErrorsIgnorePattern: "^_" }],
       "@typescript-eslint/no-explicit-any": "error",
       "no-constant-condition": ["error", { checkLoops: false }],
+      // The CLI loads command modules lazily with require() so that OpenTelemetry can be
+      // started before @grpc/grpc-js is first required.
+      "@typescript-eslint/no-require-imports": "off",
     },
   },
 );

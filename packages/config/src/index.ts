@@ -78,6 +78,8 @@ export interface ServiceConfig {
   natsUrl: string;
   grpcBind: string;
   grpcPort: number;
+  /** Host name or address other services use to reach this one (registered in the registry). */
+  advertise: string;
   shmDir: string;
   /** How long to wait for NATS (and for the host's sidecar) at start, ms. */
   startTimeoutMs: number;
@@ -92,6 +94,7 @@ export function serviceConfig(service: string, env: Env = process.env): ServiceC
     host,
     natsUrl: natsUrl(env),
     grpcBind: str(env, "VIRTMESH_GRPC_BIND", "127.0.0.1"),
+    advertise: str(env, "VIRTMESH_ADVERTISE_ADDR", env.VIRTMESH_GRPC_BIND && env.VIRTMESH_GRPC_BIND !== "0.0.0.0" ? env.VIRTMESH_GRPC_BIND : "127.0.0.1"),
     grpcPort: port(env, "VIRTMESH_GRPC_PORT", 0),
     shmDir,
     startTimeoutMs: int(env, "VIRTMESH_START_TIMEOUT_MS", 10_000, 100, 600_000),

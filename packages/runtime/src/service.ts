@@ -13,7 +13,6 @@ import {
   type ChannelCredentials,
   type ClientOptions,
 } from "@grpc/grpc-js";
-import { trace } from "@opentelemetry/api";
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { ConfigError, checkName, serviceConfig, type ServiceConfig } from "@virtmesh/config";
 import { connectNats, drainNats, Registry, serviceSubject, type ServiceEntry } from "@virtmesh/nats";
@@ -149,7 +148,7 @@ export async function runService(def: ServiceDefinitionOptions): Promise<void> {
   const entry: ServiceEntry = {
     service: def.name,
     host: config.host,
-    grpc: `${config.grpcBind === "0.0.0.0" ? "127.0.0.1" : config.grpcBind}:${port}`,
+    grpc: `${config.advertise}:${port}`,
     pid: process.pid,
     startedAt: new Date().toISOString(),
     meta: ctx.meta,
@@ -206,7 +205,13 @@ export async function runService(def: ServiceDefinitionOptions): Promise<void> {
     process.exit(0);
   };
   process.on("SIGTERM", () => void shutdown("SIGTERM"));
+  // A launcher that dies without stopping its services must not leave them orphaned.
+  const parent = Number(process.env.VIRTMESH_PARENT_PID || 0);
+  if (parent > 0) {
+    const watch = setInterval(() => {
+      if (process.ppid !== parent) void shutdown("parent-exit");
+    }, 1000);
+    watch.unref();
+  }
   process.on("SIGINT", () => void shutdown("SIGINT"));
-  // A trace id in the log line proves the SDK is live in this process.
-  void trace;
 }

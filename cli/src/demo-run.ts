@@ -1,0 +1,99 @@
+import { credentials, Metadata } from "@grpc/grpc-js";
+import { context, trace, SpanStatusCode } from "@opentelemetry/api";
+import { probe } from "@virtmesh/proto";
+import { shutdownTelemetry, type OtlpReceiver } from "@virtmesh/telemetry";
+import { Stack } from "./stack";
+import { stackOptions } from "./commands";
+import { waitForTrace, renderSpanTree } from "./demo";
+import type { Values } from "./main";
+
+const G = probe.Transport.TRANSPORT_GRPC;
+const N = probe.Transport.TRANSPORT_NATS;
+
+/** The probe route: every service, both hosts, alternating gRPC and NATS. */
+export function demoRoute(src: string, dst: string, vm: string, vmHost: string): probe.ProbeHop[] {
+  return [
+    { service: "shm-sidecar", host: src, transport: N },
+    { service: "vhost-worker", host: src, transport: G },
+    { service: "completion-thread", host: src, transport: N },
+    { service: "balloon-host", host: src, transport: G },
+    { service: `guest-driver-${vm}`, host: vmHost, transport: N },
+    { service: "shm-sidecar", host: dst, transport: G },
+    { service: "vhost-worker", host: dst, transport: N },
+  ];
+}
+
+export async function runDemo(v: Values, receiver: OtlpReceiver): Promise<number> {
+  const say = (line: string) => process.stdout.write(`${line}\n`);
+  const o = stackOptions(v, (line) => say(`  ${line}`));
+  o.env = {
+    OTEL_EXPORTER_OTLP_ENDPOINT: receiver.url,
+    OTEL_BSP_SCHEDULE_DELAY: "200",
+  };
+  const stack = new Stack(o);
+  let interrupted = false;
+  const onSignal = () => {
+    if (interrupted) return;
+    interrupted = true;
+    say("interrupted: tearing down");
+    void stack.stop().then(() => process.exit(130));
+  };
+  process.on("SIGINT", onSignal);
+  process.on("SIGTERM", onSignal);
+
+  const t0 = Date.now();
+  say(`virtmesh demo: hosts ${o.hosts.join(", ")}, ${o.vms[0]!.vm} on ${o.vms[0]!.host}`);
+  try {
+    await stack.start();
+    const snap = stack.snapshot();
+    say(`stack up in ${((Date.now() - t0) / 1000).toFixed(1)} s: ${snap.services.length} services, NATS ${snap.nats.url}`);
+    const mm = snap.services.find((s) => s.name === "migration-manager")!;
+    const [src, dst] = [o.hosts[0]!, o.hosts[1] ?? o.hosts[0]!];
+    const route = demoRoute(src, dst, o.vms[0]!.vm, o.vms[0]!.host);
+
+    const tracer = trace.getTracer("virtmesh.cli");
+    const root = tracer.startSpan("virtmesh demo");
+    const traceId = root.spanContext().traceId;
+    const client = new probe.ProbeServiceClient(mm.grpc, credentials.createInsecure());
+    let res: probe.ProbeResponse;
+    try {
+      res = await context.with(trace.setSpan(context.active(), root), () =>
+        new Promise<probe.ProbeResponse>((resolve, reject) =>
+          client.probe({ route, payload: "demo" }, new Metadata(), { deadline: Date.now() + 20_000 }, (err, r) => (err ? reject(err) : resolve(r!))),
+        ),
+      );
+    } catch (e) {
+      root.setStatus({ code: SpanStatusCode.ERROR, message: (e as Error).message });
+      throw e;
+    } finally {
+      root.end();
+      client.close();
+    }
+    say("");
+    say("probe path (one request through every service):");
+    say(`  virtmesh-cli --gRPC--> migration-manager@cluster`);
+    for (let i = 1; i < res.visits.length; i++) {
+      const a = res.visits[i - 1]!;
+      const b = res.visits[i]!;
+      const via = b.arrivedBy === N ? "NATS" : "gRPC";
+      say(`  ${a.service}@${a.host} --${via}--> ${b.service}@${b.host} (pid ${b.pid})`);
+    }
+    // Flush this process's spans, then wait for every service's batch to arrive.
+    await shutdownTelemetry();
+    const names = ["migration-manager", "shm-sidecar", "vhost-worker", "completion-thread", "balloon-host", "guest-driver", "virtmesh-cli"];
+    const spans = await waitForTrace(receiver, traceId, names, 10_000);
+    say("");
+    say(`trace ${traceId} (${spans.length} spans from ${new Set(spans.map((s) => s.service)).size} processes):`);
+    say(renderSpanTree(spans));
+    say("");
+  } finally {
+    process.off("SIGINT", onSignal);
+    process.off("SIGTERM", onSignal);
+    if (!interrupted) {
+      say("tearing down");
+      await stack.stop();
+    }
+  }
+  say(`demo finished in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+  return 0;
+}

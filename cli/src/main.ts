@@ -1,0 +1,105 @@
+// virtmesh command line. Heavy modules (gRPC, the stack) are loaded per command so that
+// `demo` can start OpenTelemetry before @grpc/grpc-js is first required.
+import { parseArgs } from "node:util";
+
+export const USAGE = `virtmesh — a distributed emulation of a KVM host's paravirtual I/O and memory stack
+
+Usage: virtmesh <command> [options]
+
+Stack:
+  demo                 bring up hosts src and dst (and NATS unless NATS_URL is set), run the
+                       demo across every service, print the report and the trace, tear down
+  up                   start the same stack in the background and return when it is healthy
+  status [--json]      report each service of the running stack (exit 1 if any is unhealthy)
+  down                 stop the running stack; leaves no process and no shared-memory file
+
+Benchmarks:
+  bench <name> [--quick] [--json FILE]
+                       name: ${"BENCHES"}
+
+Options for demo and up:
+  --hosts a,b          host names (default src,dst)
+  --vm NAME            the VM to boot (default vm1)
+  --vm-host HOST       host the VM boots on (default: the first host)
+  --base-port N        give services consecutive gRPC ports from N (default 0: free ports)
+  --state-dir DIR      where state.json and logs live (default $VIRTMESH_STATE_DIR or
+                       $TMPDIR/virtmesh-<uid>)
+
+Environment: NATS_URL (use this NATS instead of starting one), OTEL_EXPORTER_OTLP_ENDPOINT
+(also send spans to this OTLP/HTTP endpoint, e.g. Jaeger's :4318), VIRTMESH_STATE_DIR,
+VIRTMESH_SHM_DIR (parent of the hosts' shared-memory directories, default /dev/shm).
+`;
+
+export interface Values {
+  json?: string | boolean;
+  quick?: boolean;
+  hosts?: string;
+  vm?: string;
+  "vm-host"?: string;
+  "base-port"?: string;
+  "state-dir"?: string;
+  help?: boolean;
+}
+
+export class UsageError extends Error {
+  override readonly name = "UsageError";
+}
+
+export const OPTIONS = {
+  json: { type: "string" },
+  quick: { type: "boolean" },
+  hosts: { type: "string" },
+  vm: { type: "string" },
+  "vm-host": { type: "string" },
+  "base-port": { type: "string" },
+  "state-dir": { type: "string" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
+async function main(argv: string[]): Promise<number> {
+  const [cmd, ...rest] = argv;
+  if (!cmd || cmd === "help" || cmd === "--help" || cmd === "-h") {
+    const { BENCH_NAMES } = require("./bench") as typeof import("./bench");
+    process.stdout.write(USAGE.replace("BENCHES", BENCH_NAMES.join(", ")));
+    return 0;
+  }
+  // `--json FILE` for bench; a plain `--json` flag for status.
+  const options = cmd === "bench" ? OPTIONS : { ...OPTIONS, json: { type: "boolean" } as const };
+  let parsed: { values: Values; positionals: string[] };
+  try {
+    parsed = parseArgs({ args: rest, options, allowPositionals: true, strict: true });
+  } catch (e) {
+    throw new UsageError((e as Error).message.split("\n")[0]!);
+  }
+  if (parsed.values.help) {
+    const { BENCH_NAMES } = require("./bench") as typeof import("./bench");
+    process.stdout.write(USAGE.replace("BENCHES", BENCH_NAMES.join(", ")));
+    return 0;
+  }
+  switch (cmd) {
+    case "demo":
+      return (require("./demo") as typeof import("./demo")).demo(parsed.values, parsed.positionals);
+    case "up":
+      return (require("./commands") as typeof import("./commands")).up(parsed.values, parsed.positionals);
+    case "__supervise":
+      return (require("./commands") as typeof import("./commands")).supervise(parsed.values);
+    case "status":
+      return (require("./commands") as typeof import("./commands")).status(parsed.values, parsed.positionals);
+    case "down":
+      return (require("./commands") as typeof import("./commands")).down(parsed.values, parsed.positionals);
+    case "bench":
+      return (require("./bench") as typeof import("./bench")).bench(parsed.values, parsed.positionals);
+    default:
+      throw new UsageError(`unknown command '${cmd}' (run 'virtmesh help')`);
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  (e: unknown) => {
+    const err = e as Error;
+    const known = ["UsageError", "StackStartError", "ConfigError", "NatsServerMissingError", "NatsUnreachableError", "CliError"];
+    process.stderr.write(`virtmesh: ${known.includes(err.name) ? err.message : (err.stack ?? String(e))}\n`);
+    process.exit(err.name === "UsageError" ? 2 : 1);
+  },
+);
