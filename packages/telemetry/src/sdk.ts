@@ -1,16 +1,22 @@
-// Starts the OpenTelemetry Node SDK from the standard OTEL_* environment variables.
-// Spans are exported over OTLP/HTTP when OTEL_EXPORTER_OTLP_ENDPOINT is set; otherwise
-// they are still created and sampled (so trace ids appear in logs and propagate), but
-// go nowhere. gRPC client and server spans come from instrumentation-grpc, which must
-// be registered before @grpc/grpc-js is first required: services load this through
-// the preload flag (`--require @virtmesh/telemetry/register`), never from handlers.
-import { NodeSDK } from "@opentelemetry/sdk-node";
+// Starts OpenTelemetry tracing for Node from the standard OTEL_* environment variables:
+// OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES (resource), OTEL_TRACES_SAMPLER[_ARG],
+// OTEL_BSP_* (batching) and OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT. Spans are exported over
+// OTLP/HTTP when an endpoint is set; otherwise they are still created and sampled (trace
+// ids appear in logs and propagate) but go nowhere. gRPC client and server spans come from
+// instrumentation-grpc, which must be registered before @grpc/grpc-js is first required:
+// services load this through the preload flag (`--require @virtmesh/telemetry/register`).
+//
+// This composes the Node SDK's parts (sdk-trace-node, the OTLP exporter, the W3C
+// propagator) rather than @opentelemetry/sdk-node, whose loading of every exporter costs
+// about a second of CPU per process, and a host runs a dozen processes.
+import { NodeTracerProvider, BatchSpanProcessor, NoopSpanProcessor, type SpanProcessor } from "@opentelemetry/sdk-trace-node";
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
 import { GrpcInstrumentation } from "@opentelemetry/instrumentation-grpc";
-import { BatchSpanProcessor, NoopSpanProcessor, type SpanProcessor } from "@opentelemetry/sdk-trace-base";
-import { resourceFromAttributes } from "@opentelemetry/resources";
+import { registerInstrumentations } from "@opentelemetry/instrumentation";
+import { detectResources, envDetector, resourceFromAttributes } from "@opentelemetry/resources";
 
-let sdk: NodeSDK | undefined;
+let provider: NodeTracerProvider | undefined;
+let unregister: (() => void) | undefined;
 
 export interface TelemetryOptions {
   serviceName?: string;
@@ -18,42 +24,39 @@ export interface TelemetryOptions {
 }
 
 export function telemetryStarted(): boolean {
-  return sdk !== undefined;
+  return provider !== undefined;
 }
 
 export function startTelemetry(opts: TelemetryOptions = {}): void {
-  if (sdk) return;
-  // The SDK would otherwise configure log and metric exporters from defaults that point
-  // at a collector that may not exist.
-  process.env.OTEL_LOGS_EXPORTER ??= "none";
-  process.env.OTEL_METRICS_EXPORTER ??= "none";
+  if (provider) return;
   const endpoint = process.env.OTEL_EXPORTER_OTLP_ENDPOINT || process.env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT;
   const processor: SpanProcessor = endpoint ? new BatchSpanProcessor(new OTLPTraceExporter()) : new NoopSpanProcessor();
   const serviceName = opts.serviceName ?? process.env.OTEL_SERVICE_NAME ?? "virtmesh";
-  sdk = new NodeSDK({
-    serviceName,
-    resource: resourceFromAttributes({
+  const resource = detectResources({ detectors: [envDetector] }).merge(
+    resourceFromAttributes({
       "service.name": serviceName,
       "service.namespace": "virtmesh",
+      "process.pid": process.pid,
       ...(process.env.VIRTMESH_HOST ? { "virtmesh.host": process.env.VIRTMESH_HOST } : {}),
       ...opts.attributes,
     }),
-    spanProcessors: [processor],
-    logRecordProcessors: [],
-    instrumentations: [new GrpcInstrumentation()],
-  });
-  sdk.start();
+  );
+  provider = new NodeTracerProvider({ resource, spanProcessors: [processor] });
+  // Registers the provider, AsyncLocalStorage context and the W3C trace-context propagator.
+  provider.register();
+  unregister = registerInstrumentations({ tracerProvider: provider, instrumentations: [new GrpcInstrumentation()] });
 }
 
-/** Flushes and stops the SDK; safe to call more than once. */
+/** Flushes and stops tracing; safe to call more than once. */
 export async function shutdownTelemetry(): Promise<void> {
-  const s = sdk;
-  sdk = undefined;
-  if (s) {
+  const p = provider;
+  provider = undefined;
+  if (p) {
     try {
-      await s.shutdown();
+      await p.shutdown();
     } catch {
       // The collector may be gone at shutdown; losing the last batch must not fail the exit.
     }
+    unregister?.();
   }
 }
