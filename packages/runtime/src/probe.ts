@@ -15,14 +15,9 @@ const MAX_HOPS = 32;
 const ERROR_HEADER = "Virtmesh-Error";
 const CODE_HEADER = "Virtmesh-Code";
 
-export class ProbeError extends Error {
-  constructor(
-    readonly code: Status,
-    message: string,
-  ) {
-    super(message);
-  }
-}
+/** A probe failure carries the gRPC status it is answered with. */
+export { GrpcError as ProbeError } from "./grpc";
+import { GrpcError as ProbeError } from "./grpc";
 
 export function checkRoute(route: probe.ProbeHop[]): void {
   if (route.length > MAX_HOPS) throw new ProbeError(Status.INVALID_ARGUMENT, `route has ${route.length} hops (at most ${MAX_HOPS})`);

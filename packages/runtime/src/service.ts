@@ -20,6 +20,7 @@ import { createLogger, shutdownTelemetry, tracedPublish, type Logger } from "@vi
 import { health, probe } from "@virtmesh/proto";
 import { HealthImplementation } from "./health";
 import { ProbeRouter } from "./probe";
+import { GrpcError } from "./grpc";
 
 export interface ServiceContext {
   config: ServiceConfig;
@@ -113,7 +114,7 @@ export async function runService(def: ServiceDefinitionOptions): Promise<void> {
     },
     async client(host, inst, ctor) {
       const e = await registry.getService(host, inst);
-      if (!e) throw Object.assign(new Error(`${inst}@${host} is not registered`), { code: Status.UNAVAILABLE });
+      if (!e) throw new GrpcError(Status.UNAVAILABLE, `${inst}@${host} is not registered`);
       const key = `${e.grpc}/${ctor.name}`;
       let c = clients.get(key);
       if (!c) clients.set(key, (c = new ctor(e.grpc, credentials.createInsecure()) as unknown as Client));
