@@ -77,7 +77,11 @@ export async function up(v: Values, _pos: string[]): Promise<number> {
   const deadline = Date.now() + 120_000;
   while (Date.now() < deadline) {
     const s = readState(o.stateDir);
-    if (s?.error) throw new CliError(s.error);
+    if (s?.error) {
+      const until = Date.now() + 30_000;
+      while (pidAlive(child.pid ?? 0) && Date.now() < until) await sleep(100);
+      throw new CliError(s.error);
+    }
     if (s?.ready) {
       const h = new Map(s.services.map((r) => [`${r.host}/${r.instance}`, true] as const));
       process.stdout.write(`${table(s, h)}\nNATS ${s.nats.url}${s.nats.managed ? ` (nats-server pid ${s.nats.pid})` : ""}\nstate ${statePath(o.stateDir)}\n`);
@@ -118,12 +122,12 @@ export async function supervise(v: Values): Promise<number> {
   try {
     await stack.start();
   } catch (e) {
-    error = (e as Error).message;
-    log(`start failed: ${error}`);
-    save();
+    const why = (e as Error).message;
+    log(`start failed: ${why}`);
     await stack.stop();
-    // Leave the error in state.json for `up` to report; nothing else is left behind.
-    writeState(o.stateDir, { ...stack.snapshot(), ready: false, error, startedAt });
+    // Only now, with everything stopped, does `up` learn of the error and report it.
+    error = why;
+    save();
     return 1;
   }
   ready = true;
