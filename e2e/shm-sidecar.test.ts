@@ -26,6 +26,9 @@ let tmp = "";
 let shmDir = "";
 let childStderr = "";
 let childExit: Promise<{ code: number | null; signal: NodeJS.Signals | null }> | undefined;
+// A second sidecar with a shm directory it cannot create: must stop at start with one line.
+let badChild: ChildProcess | undefined;
+let badExit: Promise<{ code: number | null; stderr: string }> | undefined;
 const events: Array<{ subject: string; body: Record<string, unknown> }> = [];
 const mappings: SharedMapping[] = [];
 
@@ -82,6 +85,14 @@ before(async () => {
   child.stderr?.on("data", (d: Buffer) => (childStderr = (childStderr + d.toString()).slice(-8000)));
   const proc = child;
   childExit = new Promise((resolve) => proc.once("exit", (code, signal) => resolve({ code, signal })));
+  badChild = spawn(process.execPath, ["--require", "tsx/cjs", "/work/main/services/shm-sidecar/src/main.ts"], {
+    env: { ...process.env, NATS_URL: nats.url, VIRTMESH_HOST: "t2", VIRTMESH_SHM_DIR: "/proc/virtmesh-e2e/shm", OTEL_SDK_DISABLED: "true" },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  const bad = badChild;
+  let badStderr = "";
+  bad.stderr?.on("data", (d: Buffer) => (badStderr += d.toString()));
+  badExit = new Promise((resolve) => bad.once("exit", (code) => resolve({ code, stderr: badStderr })));
   nc = await connectNats(nats.url, "shm-sidecar-e2e");
   sub = nc.subscribe(`virtmesh.${HOST}.shm-sidecar.>`, {
     callback: (err, msg) => {
@@ -108,10 +119,23 @@ after(async () => {
     child.kill("SIGKILL");
     await childExit;
   }
+  if (badChild && badChild.exitCode === null && badChild.signalCode === null) {
+    badChild.kill("SIGKILL");
+    await badExit;
+  }
   sub?.unsubscribe();
   await nc?.close();
   await nats?.stop();
   if (tmp) rmSync(tmp, { recursive: true, force: true });
+});
+
+test("a shm directory that cannot be created stops the sidecar at start with one clear line", async () => {
+  const { code, stderr } = await badExit!;
+  assert.equal(code, 2, stderr);
+  assert.equal(
+    stderr.trim(),
+    "shm-sidecar@t2: bad configuration: VIRTMESH_SHM_DIR=/proc/virtmesh-e2e/shm cannot be created: ENOENT: no such file or directory, mkdir '/proc/virtmesh-e2e'",
+  );
 });
 
 const QUEUES: sidecar.QueueSpec[] = [
@@ -301,17 +325,17 @@ test("IOMMU: DMA map, pin, DIRTY_PAGES start/get-bitmap/stop with the seed's che
   assert.equal(info.mappings, 1);
 
   // The seed's argument checks, each INVALID_ARGUMENT with the field named.
-  await rejects(call(c().dirtyPages, { ...get, argsz: 4 }), Status.INVALID_ARGUMENT, /argsz/);
-  await rejects(call(c().dirtyPages, { ...get, flags: 8 }), Status.INVALID_ARGUMENT, /flags/);
-  await rejects(call(c().dirtyPages, { ...get, flags: START | GET }), Status.INVALID_ARGUMENT, /flags/);
-  await rejects(call(c().dirtyPages, { ...get, argsz: 40 }), Status.INVALID_ARGUMENT, /argsz/);
-  await rejects(call(c().dirtyPages, { ...get, pgsize: 8192 }), Status.INVALID_ARGUMENT, /pgsize/);
-  await rejects(call(c().dirtyPages, { ...get, iova: iova + 1 }), Status.INVALID_ARGUMENT, /iova/);
-  await rejects(call(c().dirtyPages, { ...get, size: 0 }), Status.INVALID_ARGUMENT, /size/);
-  await rejects(call(c().dirtyPages, { ...get, bitmapSize: 0 }), Status.INVALID_ARGUMENT, /bitmap_size/);
-  await rejects(call(c().dirtyPages, { ...get, bitmapSize: 31 }), Status.INVALID_ARGUMENT, /bitmap_size/);
+  await rejects(call(c().dirtyPages, { ...get, argsz: 4 }), Status.INVALID_ARGUMENT, /argsz 4 is smaller than the 8-byte/);
+  await rejects(call(c().dirtyPages, { ...get, flags: 8 }), Status.INVALID_ARGUMENT, /flags 0x8 has bits outside START/);
+  await rejects(call(c().dirtyPages, { ...get, flags: START | GET }), Status.INVALID_ARGUMENT, /flags 0x5 selects more than one operation/);
+  await rejects(call(c().dirtyPages, { ...get, argsz: 40 }), Status.INVALID_ARGUMENT, /argsz 40 is too small for GET_BITMAP/);
+  await rejects(call(c().dirtyPages, { ...get, pgsize: 8192 }), Status.INVALID_ARGUMENT, /pgsize 8192 must equal the IOMMU minimum page size 4096/);
+  await rejects(call(c().dirtyPages, { ...get, iova: iova + 1 }), Status.INVALID_ARGUMENT, /iova 0x100001 is not a multiple/);
+  await rejects(call(c().dirtyPages, { ...get, size: 0 }), Status.INVALID_ARGUMENT, /size 0 covers no page/);
+  await rejects(call(c().dirtyPages, { ...get, bitmapSize: 0 }), Status.INVALID_ARGUMENT, /bitmap_size 0 has no room/);
+  await rejects(call(c().dirtyPages, { ...get, bitmapSize: 31 }), Status.INVALID_ARGUMENT, /bitmap_size 31 is too small: 256 pages/);
   // iova + size wraps 2^64 (seed L369): the value reaches the check exactly, past 2^53.
-  await rejects(call(c().dirtyPages, { ...get, iova: 2 ** 64 - 4096, size: 8192 }), Status.INVALID_ARGUMENT, /overflow|wrap/i);
+  await rejects(call(c().dirtyPages, { ...get, iova: 2 ** 64 - 4096, size: 8192 }), Status.INVALID_ARGUMENT, /iova 0xfffffffffffff000 \+ size 0x2000 overflows 64 bits/);
   await rejects(call(c().dirtyPages, { ...get, reportMode: 9 }), Status.INVALID_ARGUMENT, /report_mode 9/);
 
   // Valid bitmap_size (the seed returned uninitialised ret here): pinned pages are dirty.
@@ -333,12 +357,12 @@ test("IOMMU: DMA map, pin, DIRTY_PAGES start/get-bitmap/stop with the seed's che
 
   // Unmap while tracking: the pinned page's gpa lands in the device dirty log.
   await call(c().fetchDirtyLog, { vm: "vm1", kind: sidecar.DirtyLogKind.DIRTY_LOG_KIND_DEVICE, clear: true });
-  await rejects(call(c().dmaUnmap, { vm: "vm1", iova, size: PG }), Status.INVALID_ARGUMENT, /split|size/i);
+  await rejects(call(c().dmaUnmap, { vm: "vm1", iova, size: PG }), Status.INVALID_ARGUMENT, /would split the mapping/);
   assert.equal((await call(c().dmaUnmap, { vm: "vm1", iova, size: MIB })).unmappedBytes, MIB);
   const devLog = await call(c().fetchDirtyLog, { vm: "vm1", kind: sidecar.DirtyLogKind.DIRTY_LOG_KIND_DEVICE, clear: true });
   assert.equal(devLog.dirty, 1);
   assert.equal(devLog.bitmap[0x200 >> 3]! & 1, 1);
-  await rejects(call(c().dirtyPages, get), Status.NOT_FOUND, /./);
+  await rejects(call(c().dirtyPages, get), Status.NOT_FOUND, /iova 0x100000 is not mapped/);
   await call(c().dirtyPages, { ...get, argsz: 8, flags: STOP });
   info = await call(c().iommuInfo, { vm: "vm1" });
   assert.equal(info.dirtyTracking, false);

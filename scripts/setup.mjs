@@ -20,9 +20,11 @@ const lock = join(root, "package-lock.json");
 const installed = join(root, "node_modules", ".package-lock.json");
 const addon = join(root, "packages", "shm", "build", "Release", "virtmesh_shm.node");
 if (!existsSync(installed) || statSync(installed).mtimeMs < statSync(lock).mtimeMs) {
-  say("installing npm packages (npm ci)");
-  const r = spawnSync("npm", ["ci", "--no-audit", "--no-fund"], { cwd: root, stdio: "inherit" });
-  if (r.status !== 0) fail("npm ci failed (see above)");
+  // npm install, not npm ci: some registries lack @bufbuild/buf's optional binaries for
+  // other platforms, which npm ci counts as a lock-file mismatch.
+  say("installing npm packages (npm install)");
+  const r = spawnSync("npm", ["install", "--no-audit", "--no-fund"], { cwd: root, stdio: "inherit" });
+  if (r.status !== 0) fail("npm install failed (see above)");
 }
 if (!existsSync(addon)) {
   say("building the shared-memory addon (node-gyp)");

@@ -13,6 +13,12 @@ Stack:
   status [--json]      report each service of the running stack (exit 1 if any is unhealthy)
   down                 stop the running stack; leaves no process and no shared-memory file
 
+Drive a running stack:
+  lockbench [--lock queue|ticket] [--pv on|off] [--vcpus N] [--iterations N]
+            [--host-cores N] [--unfair] [--json]
+                       the seed-002 lock micro-benchmark: N vCPU threads contending on
+                       one guest spinlock, with halt/kick statistics
+
 Benchmarks:
   bench <name> [--quick] [--json FILE]
                        name: ${"BENCHES"}
@@ -39,6 +45,12 @@ export interface Values {
   "base-port"?: string;
   "state-dir"?: string;
   help?: boolean;
+  lock?: string;
+  pv?: string;
+  vcpus?: string;
+  iterations?: string;
+  "host-cores"?: string;
+  unfair?: boolean;
 }
 
 export class UsageError extends Error {
@@ -54,6 +66,12 @@ export const OPTIONS = {
   "base-port": { type: "string" },
   "state-dir": { type: "string" },
   help: { type: "boolean", short: "h" },
+  lock: { type: "string" },
+  pv: { type: "string" },
+  vcpus: { type: "string" },
+  iterations: { type: "string" },
+  "host-cores": { type: "string" },
+  unfair: { type: "boolean" },
 } as const;
 
 async function main(argv: string[]): Promise<number> {
@@ -87,6 +105,8 @@ async function main(argv: string[]): Promise<number> {
       return (require("./commands") as typeof import("./commands")).status(parsed.values, parsed.positionals);
     case "down":
       return (require("./commands") as typeof import("./commands")).down(parsed.values, parsed.positionals);
+    case "lockbench":
+      return (require("./lockbench") as typeof import("./lockbench")).lockbench(parsed.values, parsed.positionals);
     case "bench":
       return (require("./bench") as typeof import("./bench")).bench(parsed.values, parsed.positionals);
     default:

@@ -110,6 +110,33 @@ export interface BalloonedPages {
   bitmap: Buffer;
 }
 
+/**
+ * The guest driver's handshake at boot (virtio feature negotiation, virtio 1.2
+ * §3.1.1): the device intersects the driver's features with its own, looks the
+ * VM's balloon queues up in the shm-sidecar's layout, maps the guest memory and
+ * starts serving the queues. Attaching again (guest reboot) replaces the old
+ * attachment.
+ */
+export interface AttachVmRequest {
+  vm: string;
+  /** VIRTIO_BALLOON_F_* bits the driver accepts */
+  driverFeatures: number;
+}
+
+export interface AttachVmResponse {
+  vm: string;
+  /** what the device offers */
+  deviceFeatures: number;
+  /** negotiated: driver_features & device_features */
+  features: number;
+  /** inflate/deflate format chosen by the features */
+  mode: BalloonMode;
+  /** pages the device accepts: guest RAM below the queues */
+  guestPages: number;
+  /** guest-physical address of the config page */
+  configAddr: number;
+}
+
 function createBaseSetTargetRequest(): SetTargetRequest {
   return { vm: "", targetBytes: 0 };
 }
@@ -775,8 +802,267 @@ export const BalloonedPages: MessageFns<BalloonedPages> = {
   },
 };
 
+function createBaseAttachVmRequest(): AttachVmRequest {
+  return { vm: "", driverFeatures: 0 };
+}
+
+export const AttachVmRequest: MessageFns<AttachVmRequest> = {
+  encode(message: AttachVmRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.driverFeatures !== 0) {
+      writer.uint32(16).uint64(message.driverFeatures);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AttachVmRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAttachVmRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.driverFeatures = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AttachVmRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      driverFeatures: isSet(object.driverFeatures)
+        ? globalThis.Number(object.driverFeatures)
+        : isSet(object.driver_features)
+        ? globalThis.Number(object.driver_features)
+        : 0,
+    };
+  },
+
+  toJSON(message: AttachVmRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.driverFeatures !== 0) {
+      obj.driverFeatures = Math.round(message.driverFeatures);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AttachVmRequest>): AttachVmRequest {
+    return AttachVmRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AttachVmRequest>): AttachVmRequest {
+    const message = createBaseAttachVmRequest();
+    message.vm = object.vm ?? "";
+    message.driverFeatures = object.driverFeatures ?? 0;
+    return message;
+  },
+};
+
+function createBaseAttachVmResponse(): AttachVmResponse {
+  return { vm: "", deviceFeatures: 0, features: 0, mode: 0, guestPages: 0, configAddr: 0 };
+}
+
+export const AttachVmResponse: MessageFns<AttachVmResponse> = {
+  encode(message: AttachVmResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.deviceFeatures !== 0) {
+      writer.uint32(16).uint64(message.deviceFeatures);
+    }
+    if (message.features !== 0) {
+      writer.uint32(24).uint64(message.features);
+    }
+    if (message.mode !== 0) {
+      writer.uint32(32).int32(message.mode);
+    }
+    if (message.guestPages !== 0) {
+      writer.uint32(40).uint64(message.guestPages);
+    }
+    if (message.configAddr !== 0) {
+      writer.uint32(48).uint64(message.configAddr);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AttachVmResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAttachVmResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.deviceFeatures = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.features = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.mode = reader.int32() as any;
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.guestPages = longToNumber(reader.uint64());
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.configAddr = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AttachVmResponse {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      deviceFeatures: isSet(object.deviceFeatures)
+        ? globalThis.Number(object.deviceFeatures)
+        : isSet(object.device_features)
+        ? globalThis.Number(object.device_features)
+        : 0,
+      features: isSet(object.features) ? globalThis.Number(object.features) : 0,
+      mode: isSet(object.mode) ? balloonModeFromJSON(object.mode) : 0,
+      guestPages: isSet(object.guestPages)
+        ? globalThis.Number(object.guestPages)
+        : isSet(object.guest_pages)
+        ? globalThis.Number(object.guest_pages)
+        : 0,
+      configAddr: isSet(object.configAddr)
+        ? globalThis.Number(object.configAddr)
+        : isSet(object.config_addr)
+        ? globalThis.Number(object.config_addr)
+        : 0,
+    };
+  },
+
+  toJSON(message: AttachVmResponse): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.deviceFeatures !== 0) {
+      obj.deviceFeatures = Math.round(message.deviceFeatures);
+    }
+    if (message.features !== 0) {
+      obj.features = Math.round(message.features);
+    }
+    if (message.mode !== 0) {
+      obj.mode = balloonModeToJSON(message.mode);
+    }
+    if (message.guestPages !== 0) {
+      obj.guestPages = Math.round(message.guestPages);
+    }
+    if (message.configAddr !== 0) {
+      obj.configAddr = Math.round(message.configAddr);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AttachVmResponse>): AttachVmResponse {
+    return AttachVmResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AttachVmResponse>): AttachVmResponse {
+    const message = createBaseAttachVmResponse();
+    message.vm = object.vm ?? "";
+    message.deviceFeatures = object.deviceFeatures ?? 0;
+    message.features = object.features ?? 0;
+    message.mode = object.mode ?? 0;
+    message.guestPages = object.guestPages ?? 0;
+    message.configAddr = object.configAddr ?? 0;
+    return message;
+  },
+};
+
 export type BalloonServiceService = typeof BalloonServiceService;
 export const BalloonServiceService = {
+  attachVm: {
+    path: "/virtmesh.balloon.v1.BalloonService/AttachVm" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: AttachVmRequest): Buffer => Buffer.from(AttachVmRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): AttachVmRequest => AttachVmRequest.decode(value),
+    responseSerialize: (value: AttachVmResponse): Buffer => Buffer.from(AttachVmResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): AttachVmResponse => AttachVmResponse.decode(value),
+  },
   setTarget: {
     path: "/virtmesh.balloon.v1.BalloonService/SetTarget" as const,
     requestStream: false as const,
@@ -807,12 +1093,28 @@ export const BalloonServiceService = {
 } as const;
 
 export interface BalloonServiceServer extends UntypedServiceImplementation {
+  attachVm: handleUnaryCall<AttachVmRequest, AttachVmResponse>;
   setTarget: handleUnaryCall<SetTargetRequest, SetTargetResponse>;
   getStats: handleUnaryCall<VmRef, BalloonStats>;
   getBalloonedPages: handleUnaryCall<VmRef, BalloonedPages>;
 }
 
 export interface BalloonServiceClient extends Client {
+  attachVm(
+    request: AttachVmRequest,
+    callback: (error: ServiceError | null, response: AttachVmResponse) => void,
+  ): ClientUnaryCall;
+  attachVm(
+    request: AttachVmRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: AttachVmResponse) => void,
+  ): ClientUnaryCall;
+  attachVm(
+    request: AttachVmRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: AttachVmResponse) => void,
+  ): ClientUnaryCall;
   setTarget(
     request: SetTargetRequest,
     callback: (error: ServiceError | null, response: SetTargetResponse) => void,

@@ -70,6 +70,56 @@ export function dirtyLogKindToJSON(object: DirtyLogKind): string {
   }
 }
 
+/** Which dirty pages a GET_BITMAP reports (the seed thread's pre-copy vs stop-and-copy debate). */
+export enum DirtyReport {
+  /** DIRTY_REPORT_UNSPECIFIED - as ALL */
+  DIRTY_REPORT_UNSPECIFIED = 0,
+  /** DIRTY_REPORT_ALL - the seed's GET_BITMAP: pinned pages plus pages written since the last read */
+  DIRTY_REPORT_ALL = 1,
+  /** DIRTY_REPORT_PINNED - pages pinned now (always dirty); consumes nothing */
+  DIRTY_REPORT_PINNED = 2,
+  /** DIRTY_REPORT_UNPINNED - pages unpinned while tracking or written by device DMA; consumed */
+  DIRTY_REPORT_UNPINNED = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function dirtyReportFromJSON(object: any): DirtyReport {
+  switch (object) {
+    case 0:
+    case "DIRTY_REPORT_UNSPECIFIED":
+      return DirtyReport.DIRTY_REPORT_UNSPECIFIED;
+    case 1:
+    case "DIRTY_REPORT_ALL":
+      return DirtyReport.DIRTY_REPORT_ALL;
+    case 2:
+    case "DIRTY_REPORT_PINNED":
+      return DirtyReport.DIRTY_REPORT_PINNED;
+    case 3:
+    case "DIRTY_REPORT_UNPINNED":
+      return DirtyReport.DIRTY_REPORT_UNPINNED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return DirtyReport.UNRECOGNIZED;
+  }
+}
+
+export function dirtyReportToJSON(object: DirtyReport): string {
+  switch (object) {
+    case DirtyReport.DIRTY_REPORT_UNSPECIFIED:
+      return "DIRTY_REPORT_UNSPECIFIED";
+    case DirtyReport.DIRTY_REPORT_ALL:
+      return "DIRTY_REPORT_ALL";
+    case DirtyReport.DIRTY_REPORT_PINNED:
+      return "DIRTY_REPORT_PINNED";
+    case DirtyReport.DIRTY_REPORT_UNPINNED:
+      return "DIRTY_REPORT_UNPINNED";
+    case DirtyReport.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** One virtqueue region inside a VM's shared memory layout. */
 export interface QueueRegion {
   /** "blk0", "balloon", ... */
@@ -117,6 +167,15 @@ export interface VmLayout {
   /** device dirty log (VHOST_F_LOG_ALL) */
   deviceDirtyLogPath: string;
   shmDir: string;
+  /**
+   * [reserved_addr, reserved_addr + reserved_bytes): the top of guest memory, holding
+   * every queue's desc/avail/used. The guest's page allocator must not hand these
+   * pages out (manage only [0, reserved_addr)); ReleasePages refuses them.
+   */
+  reservedAddr: number;
+  reservedBytes: number;
+  /** SetDirtyLogging state */
+  dirtyLogging: boolean;
 }
 
 export interface VmRef {
@@ -228,6 +287,8 @@ export interface DirtyPagesRequest {
   pgsize: number;
   /** bytes the caller provides for the bitmap */
   bitmapSize: number;
+  /** GET_BITMAP only (virtmesh extension) */
+  reportMode: DirtyReport;
 }
 
 export interface DirtyPagesResponse {
@@ -676,6 +737,9 @@ function createBaseVmLayout(): VmLayout {
     dirtyLogPath: "",
     deviceDirtyLogPath: "",
     shmDir: "",
+    reservedAddr: 0,
+    reservedBytes: 0,
+    dirtyLogging: false,
   };
 }
 
@@ -707,6 +771,15 @@ export const VmLayout: MessageFns<VmLayout> = {
     }
     if (message.shmDir !== "") {
       writer.uint32(74).string(message.shmDir);
+    }
+    if (message.reservedAddr !== 0) {
+      writer.uint32(80).uint64(message.reservedAddr);
+    }
+    if (message.reservedBytes !== 0) {
+      writer.uint32(88).uint64(message.reservedBytes);
+    }
+    if (message.dirtyLogging !== false) {
+      writer.uint32(96).bool(message.dirtyLogging);
     }
     return writer;
   },
@@ -796,6 +869,30 @@ export const VmLayout: MessageFns<VmLayout> = {
             message.shmDir = reader.string();
             continue;
           }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.reservedAddr = longToNumber(reader.uint64());
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.reservedBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.dirtyLogging = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -845,6 +942,21 @@ export const VmLayout: MessageFns<VmLayout> = {
         : isSet(object.shm_dir)
         ? globalThis.String(object.shm_dir)
         : "",
+      reservedAddr: isSet(object.reservedAddr)
+        ? globalThis.Number(object.reservedAddr)
+        : isSet(object.reserved_addr)
+        ? globalThis.Number(object.reserved_addr)
+        : 0,
+      reservedBytes: isSet(object.reservedBytes)
+        ? globalThis.Number(object.reservedBytes)
+        : isSet(object.reserved_bytes)
+        ? globalThis.Number(object.reserved_bytes)
+        : 0,
+      dirtyLogging: isSet(object.dirtyLogging)
+        ? globalThis.Boolean(object.dirtyLogging)
+        : isSet(object.dirty_logging)
+        ? globalThis.Boolean(object.dirty_logging)
+        : false,
     };
   },
 
@@ -877,6 +989,15 @@ export const VmLayout: MessageFns<VmLayout> = {
     if (message.shmDir !== "") {
       obj.shmDir = message.shmDir;
     }
+    if (message.reservedAddr !== 0) {
+      obj.reservedAddr = Math.round(message.reservedAddr);
+    }
+    if (message.reservedBytes !== 0) {
+      obj.reservedBytes = Math.round(message.reservedBytes);
+    }
+    if (message.dirtyLogging !== false) {
+      obj.dirtyLogging = message.dirtyLogging;
+    }
     return obj;
   },
 
@@ -894,6 +1015,9 @@ export const VmLayout: MessageFns<VmLayout> = {
     message.dirtyLogPath = object.dirtyLogPath ?? "";
     message.deviceDirtyLogPath = object.deviceDirtyLogPath ?? "";
     message.shmDir = object.shmDir ?? "";
+    message.reservedAddr = object.reservedAddr ?? 0;
+    message.reservedBytes = object.reservedBytes ?? 0;
+    message.dirtyLogging = object.dirtyLogging ?? false;
     return message;
   },
 };
@@ -2488,7 +2612,7 @@ export const UnpinPagesResponse: MessageFns<UnpinPagesResponse> = {
 };
 
 function createBaseDirtyPagesRequest(): DirtyPagesRequest {
-  return { vm: "", argsz: 0, flags: 0, iova: 0, size: 0, pgsize: 0, bitmapSize: 0 };
+  return { vm: "", argsz: 0, flags: 0, iova: 0, size: 0, pgsize: 0, bitmapSize: 0, reportMode: 0 };
 }
 
 export const DirtyPagesRequest: MessageFns<DirtyPagesRequest> = {
@@ -2513,6 +2637,9 @@ export const DirtyPagesRequest: MessageFns<DirtyPagesRequest> = {
     }
     if (message.bitmapSize !== 0) {
       writer.uint32(56).uint64(message.bitmapSize);
+    }
+    if (message.reportMode !== 0) {
+      writer.uint32(64).int32(message.reportMode);
     }
     return writer;
   },
@@ -2586,6 +2713,14 @@ export const DirtyPagesRequest: MessageFns<DirtyPagesRequest> = {
             message.bitmapSize = longToNumber(reader.uint64());
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.reportMode = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2610,6 +2745,11 @@ export const DirtyPagesRequest: MessageFns<DirtyPagesRequest> = {
         ? globalThis.Number(object.bitmapSize)
         : isSet(object.bitmap_size)
         ? globalThis.Number(object.bitmap_size)
+        : 0,
+      reportMode: isSet(object.reportMode)
+        ? dirtyReportFromJSON(object.reportMode)
+        : isSet(object.report_mode)
+        ? dirtyReportFromJSON(object.report_mode)
         : 0,
     };
   },
@@ -2637,6 +2777,9 @@ export const DirtyPagesRequest: MessageFns<DirtyPagesRequest> = {
     if (message.bitmapSize !== 0) {
       obj.bitmapSize = Math.round(message.bitmapSize);
     }
+    if (message.reportMode !== 0) {
+      obj.reportMode = dirtyReportToJSON(message.reportMode);
+    }
     return obj;
   },
 
@@ -2652,6 +2795,7 @@ export const DirtyPagesRequest: MessageFns<DirtyPagesRequest> = {
     message.size = object.size ?? 0;
     message.pgsize = object.pgsize ?? 0;
     message.bitmapSize = object.bitmapSize ?? 0;
+    message.reportMode = object.reportMode ?? 0;
     return message;
   },
 };

@@ -1,0 +1,248 @@
+// `virtmesh bench qspinlock`: the seed's micro-benchmark table (tasks 1..8,
+// lock/unlock N times each, ticket and queue lock, PV off/on, ms and %
+// change) plus the overcommitted case the PV locks exist for.
+import { availableParallelism, loadavg } from "node:os";
+import { type BenchResult, type BenchRow, formatTable, machineInfo } from "@virtmesh/bench";
+import { type LockStats, MAYHALT_THRESHOLD, QSPIN_THRESHOLD, TICKET_SPIN_THRESHOLD } from "./layout";
+import type { LockKind } from "./ticket";
+import { type LockWorkloadResult, VcpuPool, runLockWorkload } from "./workload";
+
+/**
+ * The seed's table (PATCH v9 17/19): ms for 5M lock/unlock per task on a
+ * Westmere-EX, by number of contending tasks. The only typed-in figures.
+ */
+export const SEED_TABLE = {
+  source: "seed 002, [PATCH v9 17/19] pvqspinlock: Add qspinlock para-virtualization support",
+  machine: "Westmere-EX",
+  ops_per_task: 5_000_000,
+  columns: ["tasks", "ticket_pv_off_ms", "ticket_pv_on_ms", "ticket_change_pct", "queue_pv_off_ms", "queue_pv_on_ms", "queue_change_pct"],
+  rows: [
+    [1, 135, 179, 33, 137, 168, 23],
+    [2, 1045, 1103, 6, 1161, 1248, 7],
+    [3, 1827, 2683, 47, 2357, 2600, 10],
+    [4, 2689, 4191, 56, 2882, 3115, 8],
+    [5, 3736, 5830, 56, 3493, 3571, 2],
+    [6, 4942, 7609, 54, 4239, 4198, -1],
+    [7, 6304, 9570, 52, 4931, 4895, -1],
+    [8, 7736, 11323, 46, 5632, 5588, -1],
+  ],
+} as const;
+
+export interface QspinlockBenchOptions {
+  quick: boolean;
+  onProgress?: (line: string) => void;
+}
+
+interface Cell {
+  /** ms for opsPerTask rounds per task: measured, or projected from the measured rate if the budget cut the run. */
+  ms: number;
+  ok: boolean;
+  truncated: boolean;
+  stats: LockStats;
+}
+
+const pct = (off: number, on: number): number => Math.round(((on - off) / off) * 1000) / 10;
+const round = (x: number): number => Math.round(x * 10) / 10;
+
+export async function runQspinlockBench(opts: QspinlockBenchOptions): Promise<BenchResult> {
+  const say = opts.onProgress ?? (() => {});
+  // Other processes on the host take cores from the vCPU threads; record how busy it was.
+  const loadBefore = loadavg()[0]!;
+  const hostCores = availableParallelism();
+  const opsPerTask = opts.quick ? 300_000 : 2_000_000;
+  const tableBudgetMs = opts.quick ? 400 : 5_000;
+  const overcommitBudgetMs = opts.quick ? 2_200 : 12_000;
+  const maxTasks = 8;
+  const factors = [2, 4];
+  const maxVcpus = Math.max(maxTasks, ...factors.map((f) => f * hostCores));
+  let pool = await VcpuPool.start(maxVcpus);
+  let allOk = true;
+  let truncatedCells = 0;
+  let cells = 0;
+
+  const run = async (lock: LockKind, pv: boolean, vcpus: number, budgetMs: number, unfair: boolean): Promise<LockWorkloadResult> => {
+    const r = await runLockWorkload({ pool, lock, pv, unfair, vcpus, hostCores, iterations: opsPerTask, budgetMs, timeoutMs: budgetMs + 30_000 });
+    cells++;
+    if (!r.ok) {
+      allOk = false;
+      say(`  ${lock} pv=${pv} vcpus=${vcpus}: FAILED: ${r.error}`);
+      await pool.terminate(); // a stuck run leaves threads behind: start afresh
+      pool = await VcpuPool.start(maxVcpus);
+    }
+    if (r.truncated) truncatedCells++;
+    return r;
+  };
+  /** Several runs of one configuration as one cell: ms for opsPerTask rounds per vCPU at the combined rate. */
+  const merge = (vcpus: number, rs: LockWorkloadResult[]): Cell => {
+    const ops = rs.reduce((a, r) => a + r.ops, 0);
+    const elapsed = rs.reduce((a, r) => a + r.elapsedMs, 0);
+    const ok = rs.every((r) => r.ok);
+    const stats = { ...rs[0]!.stats };
+    for (const r of rs.slice(1)) for (const k of Object.keys(stats) as Array<keyof typeof stats>) stats[k] += r.stats[k];
+    const ms = ok && ops > 0 ? (elapsed * opsPerTask * vcpus) / ops : NaN;
+    return { ms, ok, truncated: rs.some((r) => r.truncated), stats };
+  };
+  /**
+   * PV off and PV on in A-B-B-A order (half the budget each) so that a drift
+   * in what the rest of the host does shifts both alike.
+   */
+  const pair = async (lock: LockKind, vcpus: number, budgetMs: number): Promise<[Cell, Cell]> => {
+    const h = budgetMs / 2;
+    const off: LockWorkloadResult[] = [];
+    const on: LockWorkloadResult[] = [];
+    // Short cells (all rounds done well within the budget) repeat A-B-B-A
+    // until the budget is used, for a steadier figure.
+    for (let round = 0; round < 10; round++) {
+      off.push(await run(lock, false, vcpus, h, false));
+      on.push(await run(lock, true, vcpus, h, false));
+      on.push(await run(lock, true, vcpus, h, false));
+      off.push(await run(lock, false, vcpus, h, false));
+      const used = [...off, ...on].reduce((a, r) => a + r.elapsedMs, 0);
+      if ([...off, ...on].some((r) => r.truncated || !r.ok) || used >= budgetMs * 2) break;
+    }
+    return [merge(vcpus, off), merge(vcpus, on)];
+  };
+
+  const rowFor = async (section: string, vcpus: number, budgetMs: number, withUnfair: boolean): Promise<BenchRow> => {
+    const [tOff, tOn] = await pair("ticket", vcpus, budgetMs);
+    const [qOff, qOn] = await pair("queue", vcpus, budgetMs);
+    const qs = qOn.stats;
+    const row: BenchRow = {
+      section,
+      tasks: vcpus,
+      host_cores: hostCores,
+      overcommit: round(vcpus / hostCores),
+      ticket_pv_off_ms: round(tOff.ms),
+      ticket_pv_on_ms: round(tOn.ms),
+      ticket_change_pct: pct(tOff.ms, tOn.ms),
+      queue_pv_off_ms: round(qOff.ms),
+      queue_pv_on_ms: round(qOn.ms),
+      queue_change_pct: pct(qOff.ms, qOn.ms),
+    };
+    const all = [tOff, tOn, qOff, qOn];
+    if (withUnfair) {
+      const qU = merge(vcpus, [await run("queue", true, vcpus, budgetMs, true)]);
+      row.queue_pv_on_unfair_ms = round(qU.ms);
+      row.queue_unfair_steals = qU.stats.steals;
+      all.push(qU);
+    }
+    Object.assign(row, {
+      ticket_pv_halts: tOn.stats.ticketHalt,
+      ticket_pv_kicks: tOn.stats.kickCpu,
+      queue_pv_halt_qhead: qs.haltQhead,
+      queue_pv_halt_qnode: qs.haltQnode,
+      queue_pv_wake_kicked: qs.wakeKicked,
+      queue_pv_wake_spurious: qs.wakeSpurious,
+      queue_pv_kick_nohalt: qs.kickNohalt,
+      queue_pv_kicks: qs.kickCpu,
+      cells_projected: all.filter((c) => c.truncated).length,
+      ok: all.every((c) => c.ok),
+    });
+    return row;
+  };
+
+  const rows: BenchRow[] = [];
+  const t0 = performance.now();
+  try {
+    // Warm every vCPU thread's JIT on every lock flavour, uncontended and
+    // contended, so the first cells do not measure compilation.
+    say("warming up vCPU threads");
+    for (const [lock, pv, unfair] of [["ticket", false, false], ["ticket", true, false], ["queue", false, false], ["queue", true, false], ["queue", true, true]] as const) {
+      for (let cpu = 0; cpu < maxVcpus; cpu++) {
+        await pool.prepare({ kind: lock, pv, unfair }, [{ cpu, mode: "loop", iterations: 10_000 }]);
+        pool.go(cpu);
+        if (!(await pool.waitDone(10_000))) throw new Error(`warm-up of vCPU ${cpu} did not finish`);
+      }
+      await runLockWorkload({ pool, lock, pv, unfair, vcpus: maxVcpus, iterations: opsPerTask, budgetMs: 100, timeoutMs: 30_000 });
+    }
+    say(`warm-up done in ${Math.round(performance.now() - t0)} ms`);
+    for (let tasks = 1; tasks <= maxTasks; tasks++) {
+      const row = await rowFor("seed-table", tasks, tableBudgetMs, false);
+      rows.push(row);
+      say(`tasks ${tasks}: ticket ${row.ticket_pv_off_ms}/${row.ticket_pv_on_ms} ms (${row.ticket_change_pct}%), queue ${row.queue_pv_off_ms}/${row.queue_pv_on_ms} ms (${row.queue_change_pct}%)`);
+    }
+    for (const f of factors) {
+      const row = await rowFor(`overcommit-${f}x`, f * hostCores, overcommitBudgetMs, true);
+      rows.push(row);
+      say(`overcommit ${f}x (${f * hostCores} vCPUs on ${hostCores} cores): ticket ${row.ticket_pv_off_ms}/${row.ticket_pv_on_ms} ms, queue ${row.queue_pv_off_ms}/${row.queue_pv_on_ms} ms, queue PV+unfair ${row.queue_pv_on_unfair_ms} ms`);
+    }
+  } finally {
+    await pool.terminate();
+  }
+
+  const num = (v: unknown): number => (typeof v === "number" ? v : NaN);
+  const cellKeys = ["ticket_pv_off_ms", "ticket_pv_on_ms", "queue_pv_off_ms", "queue_pv_on_ms"];
+  const rowsComplete = allOk && rows.length === maxTasks + factors.length && rows.every((r) => cellKeys.every((k) => Number.isFinite(num(r[k]))));
+  const r1 = rows.find((r) => r.section === "seed-table" && r.tasks === 1);
+  const oc4 = rows.find((r) => r.section === "overcommit-4x");
+  const oc2 = rows.find((r) => r.section === "overcommit-2x");
+  const speedup = (row: BenchRow | undefined, off: string, on: string): number | null => {
+    if (row === undefined) return null;
+    const v = num(row[off]) / num(row[on]);
+    return Number.isFinite(v) ? Math.round(v * 100) / 100 : null;
+  };
+
+  const reference = {
+    ...SEED_TABLE,
+    qspin_threshold: QSPIN_THRESHOLD,
+    qhead_threshold: 2 * QSPIN_THRESHOLD,
+    mayhalt_threshold: MAYHALT_THRESHOLD,
+    ticket_spin_threshold: TICKET_SPIN_THRESHOLD,
+    overcommit_pv_speedup_goal: 1.5,
+  };
+  const result: BenchResult = {
+    bench: "qspinlock",
+    machine: machineInfo(),
+    params: {
+      quick: opts.quick,
+      ops_per_task: opsPerTask,
+      cell_budget_ms: tableBudgetMs,
+      overcommit_budget_ms: overcommitBudgetMs,
+      host_cores: hostCores,
+      overcommit_factors: factors,
+      critical_section: "shared counter read-modify-write (plain, non-atomic)",
+      projection: "a cell cut by its time budget reports elapsed * (ops_per_task * tasks) / ops_done",
+      order: "per lock: PV off, PV on, PV on, PV off (half the budget each; repeated while the runs finish early), merged per mode",
+      wall_s: 0,
+      host_loadavg_1m_before: Math.round(loadBefore * 100) / 100,
+      host_loadavg_1m_after: Math.round(loadavg()[0]! * 100) / 100,
+    },
+    rows,
+    summary: {
+      rows_complete: rowsComplete,
+      pv_overhead_pct_1task_queue: r1 !== undefined ? num(r1.queue_change_pct) : null,
+      pv_overhead_pct_1task_ticket: r1 !== undefined ? num(r1.ticket_change_pct) : null,
+      overcommit_pv_speedup: speedup(oc4, "queue_pv_off_ms", "queue_pv_on_ms"),
+      overcommit_pv_unfair_speedup: speedup(oc4, "queue_pv_off_ms", "queue_pv_on_unfair_ms"),
+      overcommit_2x_pv_speedup: speedup(oc2, "queue_pv_off_ms", "queue_pv_on_ms"),
+      overcommit_ticket_pv_speedup: speedup(oc4, "ticket_pv_off_ms", "ticket_pv_on_ms"),
+      cells_run: cells,
+      cells_projected: truncatedCells,
+    },
+    reference,
+  };
+  result.params.wall_s = Math.round((performance.now() - t0) / 100) / 10;
+  return result;
+}
+
+/** The measured table beside the seed's figures, for the terminal. */
+export function formatQspinlockTable(result: BenchResult): string {
+  const seed = new Map<number, readonly number[]>(SEED_TABLE.rows.map((r) => [r[0], r]));
+  const view = result.rows.map((r) => {
+    const s = r.section === "seed-table" ? seed.get(Number(r.tasks)) : undefined;
+    return {
+      section: r.section ?? "",
+      tasks: r.tasks ?? "",
+      ticket_off: r.ticket_pv_off_ms ?? "",
+      ticket_on: r.ticket_pv_on_ms ?? "",
+      "ticket_%": r.ticket_change_pct ?? "",
+      queue_off: r.queue_pv_off_ms ?? "",
+      queue_on: r.queue_pv_on_ms ?? "",
+      "queue_%": r.queue_change_pct ?? "",
+      queue_unfair: r.queue_pv_on_unfair_ms ?? "",
+      seed_ticket: s ? `${s[1]}/${s[2]}/${s[3]}%` : "",
+      seed_queue: s ? `${s[4]}/${s[5]}/${s[6]}%` : "",
+    };
+  });
+  return formatTable(view);
+}

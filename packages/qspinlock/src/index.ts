@@ -1,0 +1,12 @@
+export * from "./layout";
+export { LockSpace, RacePoint, HALT_ABORTED, HALT_KICKED, HALT_SPURIOUS, RACE_POINT_COUNT } from "./lockspace";
+export type { LockSpaceInit, RaceHook, RacePointName } from "./lockspace";
+export { TicketSpinlock } from "./ticket";
+export type { GuestLock, LockKind } from "./ticket";
+export { QueueSpinlock } from "./qspinlock";
+export { createGuestLock, guestLockBytes, lockFromSpace, isLockKind } from "./guest-lock";
+export type { GuestLockOptions } from "./guest-lock";
+export { VcpuPool, runLockWorkload } from "./workload";
+export type { LockWorkloadOptions, LockWorkloadResult, RandomDelays, VcpuRunConfig, VcpuTask } from "./workload";
+export { runQspinlockBench, formatQspinlockTable, SEED_TABLE } from "./bench";
+export type { QspinlockBenchOptions } from "./bench";

@@ -1,0 +1,173 @@
+// A lock space: header, lock words and per-CPU lock data in shared memory, and
+// the two hypervisor operations the PV locks need (halt and kick), modelled on
+// KVM: halt is HLT with the vCPU's pv_unhalted flag checked (a kick that comes
+// before the vCPU blocks makes the HLT return at once), kick is the
+// KVM_HC_KICK_CPU hypercall (set pv_unhalted, wake the vCPU thread).
+import type { LockSpaceGeometry, LockStats } from "./layout";
+import * as Layout from "./layout";
+// Imported bindings become getter calls once transpiled to CommonJS; the hot
+// paths read these module-level copies instead.
+const { HDR_HALT_TIMEOUT_US, HDR_MAGIC, HDR_MAX_CPUS, HDR_NR_LOCKS, HDR_WORDS, LOCKSPACE_MAGIC, PC_HV_HALTED, PC_HV_UNHALT, PC_STATS, STAT_COUNT, STAT_NAMES, Stat, _Q_TAIL_CPU_BITS, lockSpaceBytes, lockWordIndex, percpuBase, qnodeBase } = Layout;
+
+/** Result of LockSpace.halt(). */
+export const HALT_ABORTED = -1; // state changed before blocking: no halt
+export const HALT_SPURIOUS = 0; // woke without a kick (timer "interrupt")
+export const HALT_KICKED = 1; // woken by (or returned at once because of) a kick
+
+/** Points where a vCPU may be paused to exercise the seed header's two races. */
+export const RacePoint = {
+  /** Race 1: queue head set cpustate = HALTED, before cmpxchg(lock byte, LOCKED, SLOWPATH). */
+  qheadBeforeSlowpathCmpxchg: 0,
+  /** Race 1: queue head's cmpxchg to _Q_LOCKED_SLOWPATH done, before __queue_halt_cpu. */
+  qheadBeforeHalt: 1,
+  /** Race 2 step [3] done (cpustate = HALTED), before step [4] (check qhead). */
+  qnodeBeforeQheadCheck: 2,
+  /** Race 2 step [1] done (next->qhead = true), before step [2] (pv_halt_check). */
+  handoffBeforeHaltCheck: 3,
+  /** queue_spin_unlock_slowpath: lock released, before pv_kick_node. */
+  unlockBeforeKick: 4,
+} as const;
+export type RacePointName = keyof typeof RacePoint;
+export const RACE_POINT_COUNT = 5;
+export type RaceHook = (point: number, cpu: number) => void;
+
+export interface LockSpaceInit {
+  maxCpus: number;
+  nrLocks?: number;
+  /**
+   * 0: a halted vCPU sleeps until kicked. N > 0: it also wakes after N µs
+   * without a kick, as a timer interrupt would (counted as spurious wake-ups).
+   */
+  haltTimeoutUs?: number;
+}
+
+export class LockSpace implements LockSpaceGeometry {
+  readonly i32: Int32Array;
+  readonly maxCpus: number;
+  readonly nrLocks: number;
+  private readonly haltTimeoutMs: number;
+
+  private constructor(
+    readonly sab: SharedArrayBuffer,
+    readonly byteOffset: number,
+  ) {
+    const hdr = new Int32Array(sab, byteOffset, HDR_WORDS);
+    if (Atomics.load(hdr, HDR_MAGIC) !== LOCKSPACE_MAGIC) throw new Error(`no lock space at byte offset ${byteOffset} (bad magic)`);
+    this.maxCpus = Atomics.load(hdr, HDR_MAX_CPUS);
+    this.nrLocks = Atomics.load(hdr, HDR_NR_LOCKS);
+    const us = Atomics.load(hdr, HDR_HALT_TIMEOUT_US);
+    this.haltTimeoutMs = us > 0 ? us / 1000 : Infinity;
+    const bytes = lockSpaceBytes(this.maxCpus, this.nrLocks);
+    if (byteOffset + bytes > sab.byteLength) throw new Error(`lock space at ${byteOffset} (${bytes} bytes) overruns the ${sab.byteLength}-byte buffer`);
+    this.i32 = new Int32Array(sab, byteOffset, bytes / 4);
+  }
+
+  /** Lays out a fresh lock space (zeroed) at byteOffset and returns it. Call before sharing the region. */
+  static init(sab: SharedArrayBuffer, byteOffset: number, init: LockSpaceInit): LockSpace {
+    const nrLocks = init.nrLocks ?? 1;
+    const maxCpus = init.maxCpus;
+    if (!Number.isInteger(maxCpus) || maxCpus < 1 || maxCpus >= 1 << _Q_TAIL_CPU_BITS) throw new RangeError(`maxCpus must be an integer in 1..${(1 << _Q_TAIL_CPU_BITS) - 1}, got ${maxCpus}`);
+    if (!Number.isInteger(nrLocks) || nrLocks < 1) throw new RangeError(`nrLocks must be a positive integer, got ${nrLocks}`);
+    if (byteOffset % 64 !== 0) throw new RangeError(`lock space byte offset must be 64-byte aligned, got ${byteOffset}`);
+    const bytes = lockSpaceBytes(maxCpus, nrLocks);
+    if (byteOffset + bytes > sab.byteLength) throw new RangeError(`lock space needs ${bytes} bytes at ${byteOffset}; buffer has ${sab.byteLength}`);
+    const i32 = new Int32Array(sab, byteOffset, bytes / 4);
+    for (let i = 0; i < i32.length; i++) Atomics.store(i32, i, 0);
+    Atomics.store(i32, HDR_MAX_CPUS, maxCpus);
+    Atomics.store(i32, HDR_NR_LOCKS, nrLocks);
+    Atomics.store(i32, HDR_HALT_TIMEOUT_US, Math.max(0, Math.floor(init.haltTimeoutUs ?? 0)));
+    Atomics.store(i32, HDR_MAGIC, LOCKSPACE_MAGIC);
+    return new LockSpace(sab, byteOffset);
+  }
+
+  /** Attaches to a lock space another thread laid out. */
+  static attach(sab: SharedArrayBuffer, byteOffset: number): LockSpace {
+    return new LockSpace(sab, byteOffset);
+  }
+
+  lockWord(lock: number): number {
+    if (!Number.isInteger(lock) || lock < 0 || lock >= this.nrLocks) throw new RangeError(`lock index ${lock} out of range 0..${this.nrLocks - 1}`);
+    return lockWordIndex(lock);
+  }
+  percpu(cpu: number): number {
+    return percpuBase(this, cpu);
+  }
+  qnode(node: number): number {
+    return qnodeBase(this, node);
+  }
+  checkCpu(cpu: number): void {
+    if (!Number.isInteger(cpu) || cpu < 0 || cpu >= this.maxCpus) throw new RangeError(`cpu ${cpu} out of range 0..${this.maxCpus - 1}`);
+  }
+
+  /** Adds n to a per-CPU statistic; only the owning vCPU writes its slots, so plain access suffices. */
+  stat(cpu: number, s: number, n = 1): void {
+    this.i32[percpuBase(this, cpu) + PC_STATS + s] += n;
+  }
+
+  /**
+   * Hypervisor halt of vCPU `cpu` (the seed's __queue_halt_cpu on KVM): if
+   * stateIdx >= 0 and that word no longer holds sval, do not halt. Otherwise
+   * block the vCPU thread until a kick (pv_unhalted) or, if configured, a
+   * timer wake-up. A kick sent before the thread blocks is not lost: it
+   * leaves pv_unhalted set and Atomics.wait returns at once.
+   */
+  halt(cpu: number, stateIdx: number, sval: number): number {
+    const i32 = this.i32;
+    const pc = percpuBase(this, cpu);
+    if (stateIdx >= 0 && Atomics.load(i32, stateIdx) !== sval) {
+      i32[pc + PC_STATS + Stat.haltAborted]++;
+      return HALT_ABORTED;
+    }
+    const unhalt = pc + PC_HV_UNHALT;
+    if (Atomics.exchange(i32, unhalt, 0) !== 0) return HALT_KICKED;
+    Atomics.store(i32, pc + PC_HV_HALTED, 1);
+    i32[pc + PC_STATS + Stat.hvBlocks]++;
+    const t0 = performance.now();
+    Atomics.wait(i32, unhalt, 0, this.haltTimeoutMs);
+    const kicked = Atomics.exchange(i32, unhalt, 0) !== 0;
+    Atomics.store(i32, pc + PC_HV_HALTED, 0);
+    i32[pc + PC_STATS + Stat.haltedUs] += Math.round((performance.now() - t0) * 1000);
+    return kicked ? HALT_KICKED : HALT_SPURIOUS;
+  }
+
+  /** Hypervisor kick (KVM_HC_KICK_CPU) of vCPU `target`, issued by vCPU `cpu`. */
+  kick(cpu: number, target: number): void {
+    const i32 = this.i32;
+    const unhalt = percpuBase(this, target) + PC_HV_UNHALT;
+    Atomics.store(i32, unhalt, 1);
+    Atomics.notify(i32, unhalt, 1);
+    i32[percpuBase(this, cpu) + PC_STATS + Stat.kickCpu]++;
+  }
+
+  /** True while vCPU `cpu`'s thread is blocked in halt (its mp_state is HALTED). */
+  isHalted(cpu: number): boolean {
+    return Atomics.load(this.i32, percpuBase(this, cpu) + PC_HV_HALTED) === 1;
+  }
+
+  /** Sum of the per-CPU statistics. Exact once the vCPUs have stopped. */
+  stats(): LockStats {
+    const out = {} as LockStats;
+    for (const n of STAT_NAMES) out[n] = 0;
+    for (let cpu = 0; cpu < this.maxCpus; cpu++) {
+      const base = percpuBase(this, cpu) + PC_STATS;
+      for (let s = 0; s < STAT_COUNT; s++) out[STAT_NAMES[s]!] += Atomics.load(this.i32, base + s);
+    }
+    return out;
+  }
+
+  /** One vCPU's statistics. */
+  statsOf(cpu: number): LockStats {
+    this.checkCpu(cpu);
+    const out = {} as LockStats;
+    const base = percpuBase(this, cpu) + PC_STATS;
+    for (let s = 0; s < STAT_COUNT; s++) out[STAT_NAMES[s]!] = Atomics.load(this.i32, base + s);
+    return out;
+  }
+
+  resetStats(): void {
+    for (let cpu = 0; cpu < this.maxCpus; cpu++) {
+      const base = percpuBase(this, cpu) + PC_STATS;
+      for (let s = 0; s < STAT_COUNT; s++) Atomics.store(this.i32, base + s, 0);
+    }
+  }
+}
