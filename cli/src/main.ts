@@ -14,6 +14,8 @@ Stack:
   down                 stop the running stack; leaves no process and no shared-memory file
 
 Drive a running stack:
+  ioband devices|settings|cgroup|attach ... [--host H] [--cgroup /]
+                       blkio-cgroup / dm-ioband control (seed 001); 'virtmesh ioband help'
   lockbench [--lock queue|ticket] [--pv on|off] [--vcpus N] [--iterations N]
             [--host-cores N] [--unfair] [--json]
                        the seed-002 lock micro-benchmark: N vCPU threads contending on
@@ -51,6 +53,8 @@ export interface Values {
   iterations?: string;
   "host-cores"?: string;
   unfair?: boolean;
+  host?: string;
+  cgroup?: string;
 }
 
 export class UsageError extends Error {
@@ -72,6 +76,8 @@ export const OPTIONS = {
   iterations: { type: "string" },
   "host-cores": { type: "string" },
   unfair: { type: "boolean" },
+  host: { type: "string" },
+  cgroup: { type: "string" },
 } as const;
 
 async function main(argv: string[]): Promise<number> {
@@ -105,6 +111,8 @@ async function main(argv: string[]): Promise<number> {
       return (require("./commands") as typeof import("./commands")).status(parsed.values, parsed.positionals);
     case "down":
       return (require("./commands") as typeof import("./commands")).down(parsed.values, parsed.positionals);
+    case "ioband":
+      return (require("./ioband") as typeof import("./ioband")).ioband(parsed.values, parsed.positionals);
     case "lockbench":
       return (require("./lockbench") as typeof import("./lockbench")).lockbench(parsed.values, parsed.positionals);
     case "bench":
