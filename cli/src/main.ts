@@ -14,6 +14,8 @@ Stack:
   down                 stop the running stack; leaves no process and no shared-memory file
 
 Drive a running stack:
+  balloon set <vm> <size> | stats <vm> [--json]
+                       virtio-balloon target and statistics (seed 003)
   ioband devices|settings|cgroup|attach ... [--host H] [--cgroup /]
                        blkio-cgroup / dm-ioband control (seed 001); 'virtmesh ioband help'
   lockbench [--lock queue|ticket] [--pv on|off] [--vcpus N] [--iterations N]
@@ -111,6 +113,8 @@ async function main(argv: string[]): Promise<number> {
       return (require("./commands") as typeof import("./commands")).status(parsed.values, parsed.positionals);
     case "down":
       return (require("./commands") as typeof import("./commands")).down(parsed.values, parsed.positionals);
+    case "balloon":
+      return (require("./balloon") as typeof import("./balloon")).balloon(parsed.values, parsed.positionals);
     case "ioband":
       return (require("./ioband") as typeof import("./ioband")).ioband(parsed.values, parsed.positionals);
     case "lockbench":

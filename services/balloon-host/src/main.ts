@@ -1,10 +1,153 @@
-// balloon-host: see README.md beside this folder.
+// balloon-host: the virtio-balloon device of every VM on this host (see README.md beside this folder).
+import type { Msg } from "@nats-io/transport-node";
+import { serviceSubject, vmSubject } from "@virtmesh/nats";
+import { balloon, sidecar } from "@virtmesh/proto";
 import { runService } from "@virtmesh/runtime";
+import { tracedPublish } from "@virtmesh/telemetry";
+import { BalloonVm, type BalloonVmEvents } from "./balloon-vm";
+import { balloonService, callUnary } from "./handlers";
+
+/** The ballooned bitmap is published at most this often per VM (the last change always goes out). */
+const PUBLISH_EVERY_MS = 50;
 
 void runService({
   name: "balloon-host",
   hostScoped: true,
   setup(ctx) {
+    const host = ctx.config.host;
     ctx.meta.shmDir = ctx.config.shmDir;
+    const vms = new Map<string, BalloonVm>();
+    const timers = new Map<string, NodeJS.Timeout>();
+
+    // virtmesh.vm.<vm>.balloon: the ballooned-pages bitmap for the migration-manager
+    // (ballooned pages are never migrated) and anyone watching the target.
+    const publishState = (v: BalloonVm, event: string) => {
+      const b = v.device.ballooned;
+      tracedPublish(
+        ctx.nc,
+        vmSubject(v.vm, "balloon"),
+        JSON.stringify({
+          event,
+          vm: v.vm,
+          host,
+          targetPages: v.config.numPages,
+          actualPages: v.config.actual,
+          pages: b.pages,
+          ballooned: b.count,
+          // one bit per guest page, LSB of byte 0 = PFN 0 (BalloonedPages.toBytes)
+          bitmap: Buffer.from(b.toBytes()).toString("base64"),
+        }),
+      );
+    };
+
+    const events: BalloonVmEvents = {
+      ballooned(v) {
+        if (timers.has(v.vm)) return;
+        timers.set(
+          v.vm,
+          setTimeout(() => {
+            timers.delete(v.vm);
+            if (vms.get(v.vm) === v) publishState(v, "ballooned");
+          }, PUBLISH_EVERY_MS),
+        );
+      },
+      refused(v, r) {
+        ctx.logger.warn({ vm: v.vm, queue: r.queue, kind: r.kind, needsReset: r.needsReset }, `balloon request refused: ${r.message}`);
+        tracedPublish(
+          ctx.nc,
+          vmSubject(v.vm, "balloon-refused"),
+          JSON.stringify({ vm: v.vm, host, queue: r.queue, kind: r.kind, message: r.message, needsReset: r.needsReset, refusedRequests: v.refusedRequests }),
+        );
+      },
+      failed(v, queue, err) {
+        ctx.logger.error({ vm: v.vm, queue, err: err.message, stack: err.stack }, "balloon queue loop failed");
+      },
+    };
+
+    const detach = async (vm: string, why: string) => {
+      const v = vms.get(vm);
+      if (!v) return;
+      vms.delete(vm);
+      const t = timers.get(vm);
+      if (t) clearTimeout(t);
+      timers.delete(vm);
+      await v.stop();
+      ctx.logger.info({ vm, why }, "balloon detached");
+    };
+
+    // The sidecar destroyed a VM: stop serving its queues and unmap its memory.
+    const destroyed = ctx.nc.subscribe(serviceSubject(host, "shm-sidecar", "vm-destroyed"), {
+      callback: (err: Error | null, msg: Msg) => {
+        if (err) return;
+        let vm: unknown;
+        try {
+          vm = (JSON.parse(msg.string()) as { vm?: unknown }).vm;
+        } catch {
+          return;
+        }
+        if (typeof vm !== "string") return;
+        // The guest-driver destroys and re-creates its VM at boot: a late event
+        // for the old VM must not detach the new one.
+        const v = vms.get(vm);
+        if (v && v.memoryReplaced()) void detach(vm, "vm-destroyed");
+      },
+    });
+
+    ctx.addService(
+      "virtmesh.balloon.v1.BalloonService",
+      balloon.BalloonServiceService,
+      balloonService({
+        host,
+        vms,
+        events,
+        async describeVm(vm) {
+          const c = await ctx.client(host, "shm-sidecar", sidecar.SharedMemoryServiceClient);
+          return callUnary(c, c.describeVm, { vm });
+        },
+        publishTarget: (v) => publishState(v, "target"),
+        info: (msg, fields) => ctx.logger.info(fields ?? {}, msg),
+      }),
+    );
+
+    // A restarted balloon-host resumes the VMs an earlier one served (their guests
+    // keep running and do not attach again). The ballooned bitmap starts empty:
+    // it was process state.
+    const describeAll = async () => {
+      const c = await ctx.client(host, "shm-sidecar", sidecar.SharedMemoryServiceClient);
+      return (await callUnary(c, c.listVms, {})).vms;
+    };
+    void (async () => {
+      let layouts: sidecar.VmLayout[];
+      try {
+        layouts = await describeAll();
+      } catch (e) {
+        ctx.logger.warn({ err: (e as Error).message }, "could not list VMs to resume");
+        return;
+      }
+      for (const layout of layouts) {
+        if (vms.has(layout.vm)) continue;
+        try {
+          const features = BalloonVm.storedFeatures(layout);
+          if (features === null) continue;
+          const v = new BalloonVm(layout, features, events, { resume: true });
+          if (vms.has(layout.vm)) {
+            // The guest attached meanwhile: its attachment wins.
+            await v.stop();
+            continue;
+          }
+          vms.set(layout.vm, v);
+          ctx.logger.info({ vm: layout.vm, features: v.features, mode: v.mode }, "balloon resumed");
+        } catch (e) {
+          ctx.logger.warn({ vm: layout.vm, err: (e as Error).message }, "could not resume the balloon");
+        }
+      }
+    })();
+
+    return {
+      async stop() {
+        destroyed.unsubscribe();
+        for (const vm of [...vms.keys()]) await detach(vm, "shutdown");
+      },
+    };
   },
 });
