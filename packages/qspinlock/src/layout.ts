@@ -91,9 +91,16 @@ export const Stat = {
   ticketHalt: 15,
   /** Unfair fast-path lock steals. */
   steals: 16,
+  /**
+   * Halts the hypervisor ended without a kick (pv_unhalted clear: the
+   * haltTimeoutUs timer). Not the seed's PV_WAKE_SPURIOUS, which is judged by
+   * the guest (cpustate != PV_CPU_KICKED after the halt) and also counts a halt
+   * ended by a kick left over from an earlier, aborted halt (see halt()).
+   */
+  hvTimerWakes: 17,
 } as const;
 export type StatName = keyof typeof Stat;
-export const STAT_COUNT = 17;
+export const STAT_COUNT = 18;
 export const STAT_NAMES = Object.keys(Stat) as StatName[];
 export type LockStats = Record<StatName, number>;
 

@@ -110,6 +110,17 @@ export class LockSpace implements LockSpaceGeometry {
    * block the vCPU thread until a kick (pv_unhalted) or, if configured, a
    * timer wake-up. A kick sent before the thread blocks is not lost: it
    * leaves pv_unhalted set and Atomics.wait returns at once.
+   *
+   * As on KVM, only a halt consumes pv_unhalted, so a kick that did not end
+   * the halt it was sent for stays pending. That happens whenever the kicker's
+   * xchg(cpustate, PV_CPU_KICKED) saw PV_CPU_HALTED but the waiter did not
+   * block: its halt aborted here on the changed state word (race 1, sequence
+   * 1,2 with the kick before the halt), or, as a queue node, it saw qhead at
+   * step [4] and never halted (race 2, sequence 3,1,2,4). The vCPU's next halt
+   * then returns at once with its cpustate still PV_CPU_HALTED, which the seed
+   * counts as PV_WAKE_SPURIOUS; the lock code just re-checks and spins or
+   * halts again. Only a wake-up with no kick at all (the timer) counts as
+   * hvTimerWakes.
    */
   halt(cpu: number, stateIdx: number, sval: number): number {
     const i32 = this.i32;
@@ -126,6 +137,7 @@ export class LockSpace implements LockSpaceGeometry {
     Atomics.wait(i32, unhalt, 0, this.haltTimeoutMs);
     const kicked = Atomics.exchange(i32, unhalt, 0) !== 0;
     Atomics.store(i32, pc + PC_HV_HALTED, 0);
+    if (!kicked) i32[pc + PC_STATS + Stat.hvTimerWakes]++;
     i32[pc + PC_STATS + Stat.haltedUs] += Math.round((performance.now() - t0) * 1000);
     return kicked ? HALT_KICKED : HALT_SPURIOUS;
   }

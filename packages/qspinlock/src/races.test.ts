@@ -6,8 +6,8 @@
 import { after, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { VcpuPool } from "./workload";
-import { RacePoint } from "./lockspace";
-import { _Q_LOCKED_MASK, _Q_LOCKED_SLOWPATH, _Q_LOCKED_VAL, _Q_TAIL_MASK, encodeTail, lockWordIndex } from "./layout";
+import { HALT_KICKED, RacePoint } from "./lockspace";
+import { PC_HV_UNHALT, _Q_LOCKED_MASK, _Q_LOCKED_SLOWPATH, _Q_LOCKED_VAL, _Q_TAIL_MASK, encodeTail, lockWordIndex, percpuBase } from "./layout";
 
 const T = 10_000; // per-step deadline; steps take micro- to milliseconds
 
@@ -66,6 +66,17 @@ describe("PV qspinlock races (seed header)", () => {
     assert.equal(s.hvBlocks, 0, "the hypervisor saw the state change and did not block");
     pool.releaseHold(1);
     assert.ok(await pool.waitDone(T));
+    // The kick found cpustate HALTED, but the halt it was meant for aborted, so
+    // it stays pending (KVM's pv_unhalted): vCPU 1's next halt returns at once
+    // with its cpustate still HALTED, a PV_WAKE_SPURIOUS in the seed's terms,
+    // though no timer was involved. (Checked first: without the pending kick
+    // this halt would block the test forever.)
+    const space = pool.space;
+    assert.equal(Atomics.load(space.i32, percpuBase(space, 1) + PC_HV_UNHALT), 1, "the kick is still pending");
+    assert.equal(space.halt(1, -1, 0), HALT_KICKED);
+    const after1 = space.statsOf(1);
+    assert.equal(after1.hvBlocks, 0);
+    assert.equal(after1.hvTimerWakes, 0);
   });
 
   it("race 1, sequence 1,2 with a real halt: the holder's unlock wakes the halted head", async () => {
