@@ -147,22 +147,24 @@ test("a bad probe route gets INVALID_ARGUMENT and the service keeps serving", as
 
 test("a service killed with SIGKILL is noticed by status and by the launcher's log", async () => {
   const { json } = await status();
-  const victim = json.services.find((s) => s.name === "vhost-worker" && s.host === "dst")!;
+  // balloon-host is not restarted by the launcher (vhost-worker and completion-thread are:
+  // e2e/vhost-blk-crash.test.ts), so its death stays visible.
+  const victim = json.services.find((s) => s.name === "balloon-host" && s.host === "dst")!;
   process.kill(victim.pid, "SIGKILL");
   const after = await until(
-    "status to report vhost-worker@dst unhealthy",
+    "status to report balloon-host@dst unhealthy",
     async () => {
       const s = await status();
-      const v = s.json.services.find((x) => x.instance === "vhost-worker" && x.host === "dst");
+      const v = s.json.services.find((x) => x.instance === "balloon-host" && x.host === "dst");
       return v && !v.healthy ? s : undefined;
     },
     20_000,
   );
   assert.equal(after.code, 1, "status exits 1 when a service is unhealthy");
-  assert.ok(after.json.services.filter((s) => s.instance !== "vhost-worker" || s.host !== "dst").every((s) => s.healthy));
+  assert.ok(after.json.services.filter((s) => s.instance !== "balloon-host" || s.host !== "dst").every((s) => s.healthy));
   const log = await until("the launcher log line", () => {
     const l = readFileSync(join(stateDir, "launcher.log"), "utf8");
-    return l.includes(`vhost-worker@dst (pid ${victim.pid}) died: killed by SIGKILL`) ? l : undefined;
+    return l.includes(`balloon-host@dst (pid ${victim.pid}) died: killed by SIGKILL`) ? l : undefined;
   }, 10_000);
   assert.ok(log);
 });

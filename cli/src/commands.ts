@@ -38,6 +38,9 @@ export function stackOptions(v: Values, log: (line: string) => void, stackId?: s
       stackId: stackId ?? randomBytes(3).toString("hex"),
       env: {},
       log,
+      // vhost-worker and completion-thread keep their in-flight state in shared memory
+      // (issue 4), so the launcher restarts them when they die and they resume the rings.
+      restart: (svc) => svc.name === "vhost-worker" || svc.name === "completion-thread",
     };
   } catch (e) {
     if (e instanceof ConfigError) throw new CliError(e.message);

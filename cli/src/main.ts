@@ -14,6 +14,9 @@ Stack:
   down                 stop the running stack; leaves no process and no shared-memory file
 
 Drive a running stack:
+  fio --rw read|write|randread|randwrite|randrw [--bs 4k] [--iodepth 32] [--numjobs N]
+      [--size S] [--runtime T] [--verify crc32c] [--rwmixread P] [--vm vm1] [--json]
+                       fio-like workload on the guest's virtio-blk disk (vhost-blk, seed 000)
   balloon set <vm> <size> | stats <vm> [--json]
                        virtio-balloon target and statistics (seed 003)
   ioband devices|settings|cgroup|attach ... [--host H] [--cgroup /]
@@ -57,6 +60,14 @@ export interface Values {
   unfair?: boolean;
   host?: string;
   cgroup?: string;
+  rw?: string;
+  bs?: string;
+  iodepth?: string;
+  numjobs?: string;
+  size?: string;
+  runtime?: string;
+  verify?: string;
+  rwmixread?: string;
 }
 
 export class UsageError extends Error {
@@ -80,6 +91,14 @@ export const OPTIONS = {
   unfair: { type: "boolean" },
   host: { type: "string" },
   cgroup: { type: "string" },
+  rw: { type: "string" },
+  bs: { type: "string" },
+  iodepth: { type: "string" },
+  numjobs: { type: "string" },
+  size: { type: "string" },
+  runtime: { type: "string" },
+  verify: { type: "string" },
+  rwmixread: { type: "string" },
 } as const;
 
 async function main(argv: string[]): Promise<number> {
@@ -113,6 +132,8 @@ async function main(argv: string[]): Promise<number> {
       return (require("./commands") as typeof import("./commands")).status(parsed.values, parsed.positionals);
     case "down":
       return (require("./commands") as typeof import("./commands")).down(parsed.values, parsed.positionals);
+    case "fio":
+      return (require("./fio") as typeof import("./fio")).fio(parsed.values as import("./fio").FioValues, parsed.positionals);
     case "balloon":
       return (require("./balloon") as typeof import("./balloon")).balloon(parsed.values, parsed.positionals);
     case "ioband":

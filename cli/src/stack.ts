@@ -157,6 +157,7 @@ export class Stack {
         VIRTMESH_GRPC_PORT: String(spec.port),
         OTEL_SERVICE_NAME: spec.name,
         VIRTMESH_PARENT_PID: String(process.pid),
+        VIRTMESH_STATE_DIR: this.o.stateDir,
       },
     });
     closeSync(fd);

@@ -72,6 +72,9 @@ interface Device {
  */
 function runDevice(d: Device): PeerMessage {
   const { ctl, bytes, mem, q, chain, kick, call } = d;
+  // Imported bindings are getter calls under tsx's CommonJS output: use locals in the loop.
+  const msgBytes = MSG_BYTES;
+  const ctlStop = CTL_STOP;
   const kickBefore = kick.counters;
   let served = 0;
   let interruptsNeeded = 0;
@@ -97,21 +100,21 @@ function runDevice(d: Device): PeerMessage {
       // returned unused, with len 0 (§2.7.8.2: len is the bytes written).
       const req = c.addr[0]!;
       const resp = c.addr[1]!;
-      if (c.count !== 2 || c.readableCount !== 1 || c.len[0] !== MSG_BYTES || c.len[1]! < MSG_BYTES) {
+      if (c.count !== 2 || c.readableCount !== 1 || c.len[0] !== msgBytes || c.len[1]! < msgBytes) {
         q.addUsed(c.head, 0);
       } else {
         // Both ranges were bounds-checked by the chain walk (ADDRESS_OUT_OF_RANGE,
         // §2.7.5). copyWithin moves the 64 bytes without allocating a view.
-        bytes.copyWithin(resp, req, req + MSG_BYTES);
-        mem.device.markDirty(resp, MSG_BYTES);
-        q.addUsed(c.head, MSG_BYTES);
+        bytes.copyWithin(resp, req, req + msgBytes);
+        mem.device.markDirty(resp, msgBytes);
+        q.addUsed(c.head, msgBytes);
       }
       served++;
       // Interrupt per small batch so the driver can refill its window early.
       if ((++popped & 31) === 0) signal();
     }
     signal();
-    if (Atomics.load(ctl, CTL_STOP) !== 0 && !q.hasPending()) break;
+    if (Atomics.load(ctl, ctlStop) !== 0 && !q.hasPending()) break;
     // Idle: ask for kicks again, re-check (vhost_enable_notify's race), then
     // spin and sleep on the kick doorbell.
     if (q.enableNotifications()) {
@@ -159,6 +162,7 @@ async function main(): Promise<void> {
     const mem = new GuestMemory(mapping.buffer, { byteOffset: CONTROL_BYTES, size: GUEST_MEMORY_BYTES });
     // No saved state: the position comes from used->idx in guest memory (0 on a fresh queue).
     const q = new DeviceQueue(mem, { ...QUEUE_LAYOUT, eventIdx: true });
+    const stopWord = CTL_STOP;
     const device: Device = {
       ctl,
       bytes: mem.bytes,
@@ -167,7 +171,7 @@ async function main(): Promise<void> {
       chain: q.newChain(),
       kick,
       call,
-      hasWork: () => q.hasPending() || Atomics.load(ctl, CTL_STOP) !== 0,
+      hasWork: () => q.hasPending() || Atomics.load(ctl, stopWord) !== 0,
     };
 
     const echo: grpc.handleUnaryCall<Buffer, Buffer> = (c, cb) => cb(null, c.request);

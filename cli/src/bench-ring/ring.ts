@@ -14,6 +14,7 @@
 
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
+import { loadavg } from "node:os";
 import { join, resolve } from "node:path";
 import { createInterface } from "node:readline";
 import * as grpc from "@grpc/grpc-js";
@@ -54,7 +55,7 @@ export interface RingBenchOptions {
   measureMs?: number;
   /** Warm-up milliseconds per case, not counted (default 300 quick, 1000 full). For tests. */
   warmupMs?: number;
-  /** Messages through the bare ring (default 20 M quick, 100 M full). For tests. */
+  /** Messages through the bare ring (default: sized by a calibration run to last ~1 s quick, ~3 s full). For tests. */
   bareMessages?: number;
 }
 
@@ -66,6 +67,9 @@ export const IN_FLIGHT = 64;
  * sub-microsecond request); every request is timed in all other runs.
  */
 export const RING_LATENCY_SAMPLE_EVERY = 16;
+
+const BARE_CALIBRATION_MESSAGES = 500_000;
+const BARE_MAX_MESSAGES = 500_000_000;
 
 const PEER_FILE = join(__dirname, "peer.ts");
 const REPO_ROOT = resolve(__dirname, "..", "..", "..");
@@ -205,6 +209,13 @@ interface RingRun {
  */
 function driveRing(c: RingCtx, depth: number, ms: number, hist: LatencyHistogram, sampleMask: number): RingRun {
   const { u32, q, kick, call, readable, writable, headSeq, sendT } = c;
+  // Imported bindings compile (tsx/esbuild, CommonJS) to getter calls on the
+  // module object: copy the ones the loop uses into locals.
+  const reqBase = REQ_BASE;
+  const respBase = RESP_BASE;
+  const msgBytes = MSG_BYTES;
+  const msgWords = MSG_WORDS;
+  const slotMask = SLOT_MASK;
   const base = c.seq;
   const callBefore = call.counters;
   let submitted = 0;
@@ -220,11 +231,11 @@ function driveRing(c: RingCtx, depth: number, ms: number, hist: LatencyHistogram
     if (!stopping) {
       while (submitted - completed < depth) {
         const seq = base + submitted;
-        const slot = seq & SLOT_MASK;
-        const req = REQ_BASE + slot * MSG_BYTES;
-        const resp = RESP_BASE + slot * MSG_BYTES;
+        const slot = seq & slotMask;
+        const req = reqBase + slot * msgBytes;
+        const resp = respBase + slot * msgBytes;
         const rw = req >>> 2;
-        for (let k = 0; k < MSG_WORDS; k++) u32[rw + k] = seq + k;
+        for (let k = 0; k < msgWords; k++) u32[rw + k] = seq + k;
         u32[resp >>> 2] = ~seq; // must be overwritten by the echo
         readable[0]!.addr = req;
         writable[0]!.addr = resp;
@@ -243,8 +254,8 @@ function driveRing(c: RingCtx, depth: number, ms: number, hist: LatencyHistogram
     for (let u = q.popUsed(); u !== null; u = q.popUsed()) {
       const seq = base + completed;
       if (headSeq[u.id] !== seq) throw new Error(`virtqueue: used id ${u.id} carries request ${headSeq[u.id]}, expected ${seq} (reordered)`);
-      const rw = (RESP_BASE + (seq & SLOT_MASK) * MSG_BYTES) >>> 2;
-      if (u.len !== MSG_BYTES || u32[rw] !== seq >>> 0 || u32[rw + MSG_WORDS - 1] !== (seq + MSG_WORDS - 1) >>> 0) {
+      const rw = (respBase + (seq & slotMask) * msgBytes) >>> 2;
+      if (u.len !== msgBytes || u32[rw] !== seq >>> 0 || u32[rw + msgWords - 1] !== (seq + msgWords - 1) >>> 0) {
         throw new Error(`virtqueue: request ${seq}: used len ${u.len}, echo word 0 = ${u32[rw]}`);
       }
       if ((seq & sampleMask) === 0) hist.record((performance.now() - sendT[u.id]!) * 1e6);
@@ -332,13 +343,20 @@ function windowedRun(depth: number, ms: number, hist: LatencyHistogram, issue: I
     let stopping = false;
     let failed = false;
     const t0 = performance.now();
+    let progressAt = t0;
     const timer = setTimeout(() => {
       stopping = true;
     }, ms);
+    // One watchdog per run instead of a deadline per request: a peer that
+    // stops answering fails the run after STALL_MS without any reply.
+    const watchdog = setInterval(() => {
+      if (performance.now() - progressAt > STALL_MS) fail(new Error(`no reply for ${STALL_MS} ms with ${submitted - completed} requests outstanding (peer gone?)`));
+    }, 250);
     const fail = (err: Error): void => {
       if (failed) return;
       failed = true;
       clearTimeout(timer);
+      clearInterval(watchdog);
       reject(err);
     };
     const sendOne = (): void => {
@@ -349,10 +367,14 @@ function windowedRun(depth: number, ms: number, hist: LatencyHistogram, issue: I
         if (failed) return;
         if (err) return fail(err);
         if (!echoOk(reply, seq)) return fail(new Error(`echo mismatch for request ${seq}`));
-        hist.record((performance.now() - t) * 1e6);
+        progressAt = performance.now();
+        hist.record((progressAt - t) * 1e6);
         completed++;
         if (!stopping) sendOne();
-        else if (completed === submitted) resolvePromise({ requests: completed, elapsedMs: performance.now() - t0 });
+        else if (completed === submitted) {
+          clearInterval(watchdog);
+          resolvePromise({ requests: completed, elapsedMs: progressAt - t0 });
+        }
       });
     };
     for (let i = 0; i < depth; i++) sendOne();
@@ -360,11 +382,8 @@ function windowedRun(depth: number, ms: number, hist: LatencyHistogram, issue: I
 }
 
 function grpcUnaryIssue(client: grpc.Client): Issue {
-  const deadlineMs = STALL_MS;
   return (_seq, req, reply) => {
-    client.makeUnaryRequest<Buffer, Buffer>(ECHO_UNARY_PATH, rawBuffer, rawBuffer, req, { deadline: Date.now() + deadlineMs }, (err, resp) =>
-      reply(err ?? null, resp),
-    );
+    client.makeUnaryRequest<Buffer, Buffer>(ECHO_UNARY_PATH, rawBuffer, rawBuffer, req, (err, resp) => reply(err ?? null, resp));
   };
 }
 
@@ -382,14 +401,16 @@ async function grpcStreamRun(client: grpc.Client, depth: number, ms: number, his
     for (const r of pending.splice(0)) r(e);
   });
   try {
-    return await windowedRun(depth, ms, hist, (_seq, req, reply) => {
+    const r = await windowedRun(depth, ms, hist, (_seq, req, reply) => {
       if (streamError) return reply(streamError);
       pending.push(reply);
       stream.write(req);
     });
-  } finally {
-    stream.end();
-    if (streamError === null) stream.cancel();
+    stream.end(); // half-close; the server ends its side and the call finishes with OK
+    return r;
+  } catch (err) {
+    stream.cancel();
+    throw err;
   }
 }
 
@@ -450,12 +471,22 @@ export async function runRingBench(opts: RingBenchOptions): Promise<BenchResult>
   const progress = opts.onProgress ?? (() => undefined);
   const measureMs = opts.measureMs ?? (opts.quick ? 1500 : 5000);
   const warmupMs = opts.warmupMs ?? (opts.quick ? 300 : 1000);
-  const bareMessages = opts.bareMessages ?? (opts.quick ? 20_000_000 : 100_000_000);
-  for (const [k, v] of [["measureMs", measureMs], ["warmupMs", warmupMs], ["bareMessages", bareMessages]] as const) {
+  const bareTargetMs = opts.quick ? 1000 : 3000;
+  for (const [k, v] of [["measureMs", measureMs], ["warmupMs", warmupMs], ["bareMessages", opts.bareMessages ?? 1]] as const) {
     if (!Number.isInteger(v) || v < 1) throw new RangeError(`runRingBench: ${k} must be a positive integer, got ${v}`);
   }
 
-  // The ceiling first, while nothing else runs: a bare SPSC ring, both sides busy-polling.
+  // Busy-polling figures depend on having the two cores to ourselves: record how busy the machine was.
+  const loadBefore = loadavg()[0]!;
+
+  // The ceiling first, while nothing else runs: a bare SPSC ring, both sides
+  // busy-polling. Sized from a calibration run (which also warms up) to last
+  // about bareTargetMs, so a slow or busy machine cannot blow the time budget.
+  let bareMessages = opts.bareMessages;
+  if (bareMessages === undefined) {
+    const cal = await measureBareRing({ messages: BARE_CALIBRATION_MESSAGES });
+    bareMessages = Math.max(BARE_CALIBRATION_MESSAGES, Math.min(BARE_MAX_MESSAGES, Math.round((cal.msgsPerS * bareTargetMs) / 1000)));
+  }
   progress(`bare busy-polled ring: ${bareMessages} messages of ${MSG_BYTES} bytes...`);
   const bare = await measureBareRing({ messages: bareMessages });
   progress(`bare busy-polled ring: ${fmtRate(bare.msgsPerS)} msgs/s`);
@@ -616,6 +647,8 @@ export async function runRingBench(opts: RingBenchOptions): Promise<BenchResult>
     machine: machineInfo(),
     params: {
       quick: opts.quick,
+      load_average_1m_at_start: round(loadBefore, 2),
+      load_average_1m_at_end: round(loadavg()[0]!, 2),
       message_bytes: MSG_BYTES,
       in_flight: IN_FLIGHT,
       latency_in_flight: 1,
@@ -635,7 +668,7 @@ export async function runRingBench(opts: RingBenchOptions): Promise<BenchResult>
         `p50/p99 are round trips: at in_flight=1 the unloaded latency, at in_flight=${IN_FLIGHT} the latency under load (queueing included); shm virtqueue at in_flight=${IN_FLIGHT} times 1 request in ${RING_LATENCY_SAMPLE_EVERY}.`,
         "kicks_per_request / interrupts_per_request count doorbell rings that made a FUTEX_WAKE syscall (the other side was asleep), per request; EVENT_IDX-requested notifications that found the other side polling cost no syscall and are listed in ring_detail.",
         "bare_ring_msgs_per_s is one-way messages (no response), both processes busy-polling, from measureBareRing (@virtmesh/shm).",
-        "The client and the peer each run on one of the machine's cores; the virtqueue runs poll on both sides while requests flow.",
+        "Both sides poll while requests flow, so the figures assume each process gets a core; load_average_1m_* records how busy the machine was (busy-polled figures, the bare ring most of all, collapse when the cores are shared).",
       ],
     },
     rows,

@@ -1,8 +1,12 @@
 // guest-driver: one VM (its vCPUs, virtio drivers, page allocator, workloads); see README.md.
 import { status as Status } from "@grpc/grpc-js";
-import { checkName, str } from "@virtmesh/config";
+import { checkName, int, str } from "@virtmesh/config";
 import { guest } from "@virtmesh/proto";
 import { runService, unary, GrpcError } from "@virtmesh/runtime";
+import { VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID } from "@virtmesh/virtio-blk";
+import { blkConfig, bootBlk, BLK_DEVICE, type BlkDevice } from "./boot";
+import { checkFioParams, runFio, type FioParams, type RwMode } from "./fio";
+import { createGuestAllocator, startGuestBalloon } from "./balloon";
 
 void runService({
   name: "guest-driver",
@@ -11,14 +15,49 @@ void runService({
   async setup(ctx) {
     const vm = checkName("VIRTMESH_VM", str(process.env, "VIRTMESH_VM", "vm1"));
     ctx.meta.vm = vm;
+    const cfg = blkConfig(process.env, vm);
+    // Sampled I/O: one request in VIRTMESH_BLK_TRACE_EVERY of a sampled RunFio call carries its trace through the ring.
+    const traceEvery = int(process.env, "VIRTMESH_BLK_TRACE_EVERY", 1000, 0, 2 ** 31);
+    const blk: BlkDevice = await bootBlk(ctx, vm, cfg);
+    // The guest's page allocator manages guest RAM above the blk driver's fixed areas;
+    // the balloon (issue 6) takes its pages from it and gives them back.
+    const allocator = createGuestAllocator(blk.mem, blk.layout, blk.dataBase + blk.slots * cfg.maxBs);
+    const balloon = await startGuestBalloon({ ctx, vm, memory: blk.mem, allocator, layout: blk.layout });
+
+    // Completions are routed per slot owner: a workload, or the control slot.
+    const control = blk.slots - 1;
+    let controlDone: ((status: number, len: number) => void) | null = null;
+    let workload: ((slot: number, status: number) => void) | null = null;
+    blk.driver.onComplete = (slot, status, len) => {
+      if (slot === control) controlDone?.(status, len);
+      else workload?.(slot, status);
+    };
+    const controlRequest = (type: number, dataLen: number): Promise<{ status: number; len: number }> =>
+      new Promise((resolve, reject) => {
+        if (controlDone) return reject(new GrpcError(Status.UNAVAILABLE, "a control request is already in flight"));
+        controlDone = (status, len) => {
+          controlDone = null;
+          resolve({ status, len });
+        };
+        blk.driver.submit(control, type, 0, blk.dataBase + control * cfg.maxBs, dataLen);
+        blk.driver.notify();
+      });
+    const id = await controlRequest(VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_ID_BYTES);
+    const idBytes = blk.mem.bytes.subarray(blk.dataBase + control * cfg.maxBs, blk.dataBase + control * cfg.maxBs + VIRTIO_BLK_ID_BYTES);
+    const serial = id.status === VIRTIO_BLK_S_OK ? Buffer.from(idBytes).toString("latin1").replace(/\0+$/, "") : "";
+    ctx.meta.blkSerial = serial;
+    ctx.logger.info({ disk: cfg.disk, diskBytes: blk.diskBytes, backend: cfg.backend, mode: cfg.mode, features: `0x${blk.features.toString(16)}`, serial, slots: blk.slots }, `${BLK_DEVICE} ready`);
+
     let state = guest.RunState.RUN_STATE_RUNNING;
+    let fioBusy = false;
+    let broken = "";
     const describe = (): guest.GuestState => ({
       vm,
       host: ctx.config.host,
       state,
-      memoryBytes: 0,
-      vcpus: 0,
-      devices: [],
+      memoryBytes: blk.layout.memoryBytes,
+      vcpus: 1,
+      devices: [`${BLK_DEVICE} virtio-blk ${cfg.backend}:${cfg.backend === "file" ? cfg.disk : blk.diskBytes} serial=${serial} completion=${cfg.mode}`],
     });
     const setState = async (s: guest.RunState) => {
       state = s;
@@ -36,11 +75,85 @@ void runService({
         if (state !== guest.RunState.RUN_STATE_PAUSED) throw new GrpcError(Status.FAILED_PRECONDITION, `vm ${vm} is not paused`);
         return setState(guest.RunState.RUN_STATE_RUNNING);
       }),
+      runFio: unary(async (req: guest.FioRequest): Promise<guest.FioResult> => {
+        if (state !== guest.RunState.RUN_STATE_RUNNING) throw new GrpcError(Status.FAILED_PRECONDITION, `vm ${vm} is not running`);
+        if (blk.driver.failure) throw new GrpcError(Status.FAILED_PRECONDITION, `${BLK_DEVICE} is broken: ${blk.driver.failure.message}`);
+        if (broken) throw new GrpcError(Status.FAILED_PRECONDITION, `${BLK_DEVICE} needs a reset: ${broken}`);
+        const p: FioParams = {
+          rw: req.rw as RwMode,
+          bs: req.blockSize || 4096,
+          iodepth: req.iodepth || 1,
+          numjobs: req.numjobs || 1,
+          size: req.sizeBytes,
+          runtimeMs: req.runtimeMs,
+          verify: req.verify as FioParams["verify"],
+          rwmixRead: req.rwmixRead || 50,
+        };
+        const env = { driver: blk.driver, dataBase: blk.dataBase, maxBs: cfg.maxBs, slots: blk.slots - 1, diskBytes: blk.diskBytes, traceEvery };
+        if (!p.size) p.size = Math.min(64 * 1024 * 1024, Math.floor(blk.diskBytes / p.numjobs / p.bs) * p.bs);
+        const bad = checkFioParams(p, env);
+        if (bad) throw new GrpcError(Status.INVALID_ARGUMENT, bad);
+        if (fioBusy) throw new GrpcError(Status.FAILED_PRECONDITION, "a fio run is already in progress");
+        fioBusy = true;
+        // Watchdog: when requests stop completing, ask the device whether it entered
+        // NEEDS_RESET (§2.1.2; a real guest gets a config-change interrupt) and fail the run.
+        let watch: NodeJS.Timeout | undefined;
+        const stalled = new Promise<never>((_, reject) => {
+          let seen = -1;
+          watch = setInterval(() => {
+            const now = blk.driver.completed;
+            if (now !== seen) {
+              seen = now;
+              return;
+            }
+            blk.deviceStats().then(
+              (s) => {
+                if (s.needsReset) {
+                  broken = s.needsResetReason;
+                  reject(new GrpcError(Status.FAILED_PRECONDITION, `${BLK_DEVICE} entered NEEDS_RESET: ${s.needsResetReason}`));
+                }
+              },
+              () => undefined,
+            );
+          }, 2000);
+        });
+        try {
+          const r = await Promise.race([
+            runFio(
+              p,
+              env,
+              (h) => {
+                workload = h;
+                return () => (workload = null);
+              },
+              vm,
+            ),
+            stalled,
+          ]);
+          return {
+            readIos: r.readIos,
+            writeIos: r.writeIos,
+            iops: r.iops,
+            mbPerS: r.mbPerS,
+            latP50Us: r.latP50Us,
+            latP99Us: r.latP99Us,
+            latP999Us: r.latP999Us,
+            verifyErrors: r.verifyErrors,
+            verifyFailures: r.verifyFailures,
+            runtimeMs: r.runtimeMs,
+          };
+        } finally {
+          clearInterval(watch);
+          fioBusy = false;
+        }
+      }),
     });
     await ctx.registry.putVm({ vm, host: ctx.config.host, state: "RUN_STATE_RUNNING" });
     return {
       async stop() {
         state = guest.RunState.RUN_STATE_STOPPED;
+        await balloon.stop();
+        await blk.shutdown();
         await ctx.registry.putVm({ vm, host: ctx.config.host, state: "RUN_STATE_STOPPED" }).catch(() => undefined);
       },
     };

@@ -1,0 +1,156 @@
+// virtmesh fio: run the guest's fio-like workload on a running stack's VM and print
+// fio-like text or JSON. Options (all strings unless noted; wired by cli/src/main.ts):
+//   --rw read|write|randread|randwrite|randrw   --bs 4k   --iodepth 32   --numjobs N
+//   --size S (per job, default 64m)   --runtime T (10s, 500ms, 2m; plain number = seconds; 0/absent = one pass)
+//   --verify crc32c   --rwmixread P (randrw, default 50)   --json (boolean)   --vm NAME   --state-dir DIR
+// Exit status: 0 when every I/O succeeded and verified, 1 otherwise.
+import { credentials, Metadata } from "@grpc/grpc-js";
+import { resolve } from "node:path";
+import { parseArgs } from "node:util";
+import { guest } from "@virtmesh/proto";
+import { defaultStateDir, pidAlive, readState } from "./state";
+
+export interface FioValues {
+  rw?: string;
+  bs?: string;
+  iodepth?: string;
+  numjobs?: string;
+  size?: string;
+  runtime?: string;
+  verify?: string;
+  rwmixread?: string;
+  json?: string | boolean;
+  vm?: string;
+  "state-dir"?: string;
+}
+
+/** The parseArgs options `virtmesh fio` needs (merge into cli/src/main.ts OPTIONS; --json boolean). */
+export const FIO_OPTIONS = {
+  rw: { type: "string" },
+  bs: { type: "string" },
+  iodepth: { type: "string" },
+  numjobs: { type: "string" },
+  size: { type: "string" },
+  runtime: { type: "string" },
+  verify: { type: "string" },
+  rwmixread: { type: "string" },
+  json: { type: "boolean" },
+  vm: { type: "string" },
+  "state-dir": { type: "string" },
+} as const;
+
+export class FioUsageError extends Error {
+  override readonly name = "UsageError";
+}
+
+const UNITS: Record<string, number> = { "": 1, b: 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 };
+
+/** fio-style sizes: 4k, 64m, 1g (binary units), or plain bytes. */
+export function parseSize(what: string, s: string): number {
+  const m = /^(\d+)([kmgt]?)(i?b)?$/i.exec(s.trim());
+  if (!m) throw new FioUsageError(`--${what} ${s} is not a size (e.g. 4k, 64m, 1g)`);
+  const v = Number(m[1]) * UNITS[m[2]!.toLowerCase()]!;
+  if (!Number.isSafeInteger(v)) throw new FioUsageError(`--${what} ${s} is too large`);
+  return v;
+}
+
+/** fio-style times: 10s, 500ms, 2m, 1h; a plain number is seconds. Returns ms. */
+export function parseTime(s: string): number {
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(s.trim());
+  if (!m) throw new FioUsageError(`--runtime ${s} is not a time (e.g. 10s, 500ms, 2m)`);
+  const mult = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m[2] ?? "s") as "ms" | "s" | "m" | "h"];
+  return Math.round(Number(m[1]) * mult);
+}
+
+function intOpt(what: string, s: string | undefined, dflt: number, min: number, max: number): number {
+  if (s === undefined) return dflt;
+  const v = Number(s);
+  if (!Number.isInteger(v) || v < min || v > max) throw new FioUsageError(`--${what} ${s} must be an integer in [${min}, ${max}]`);
+  return v;
+}
+
+export function fioRequest(v: FioValues): guest.FioRequest {
+  const rw = v.rw ?? "randread";
+  if (!["read", "write", "randread", "randwrite", "randrw"].includes(rw)) throw new FioUsageError(`--rw ${rw} must be read|write|randread|randwrite|randrw`);
+  const verify = v.verify ?? "";
+  if (verify !== "" && verify !== "crc32c") throw new FioUsageError(`--verify ${verify} must be crc32c`);
+  return {
+    rw,
+    blockSize: parseSize("bs", v.bs ?? "4k"),
+    iodepth: intOpt("iodepth", v.iodepth, 1, 1, 1024),
+    numjobs: intOpt("numjobs", v.numjobs, 1, 1, 64),
+    sizeBytes: parseSize("size", v.size ?? "64m"),
+    runtimeMs: v.runtime === undefined ? 0 : parseTime(v.runtime),
+    verify,
+    rwmixRead: intOpt("rwmixread", v.rwmixread, 50, 0, 100),
+  };
+}
+
+function human(n: number): string {
+  if (n >= 1e6) return `${(n / 1e6).toFixed(2)}M`;
+  if (n >= 1e3) return `${(n / 1e3).toFixed(1)}k`;
+  return n.toFixed(0);
+}
+
+export function formatFio(req: guest.FioRequest, r: guest.FioResult, who: string): string {
+  const secs = Math.max(r.runtimeMs, 1) / 1000;
+  const lines = [
+    `${who}: (g=0): rw=${req.rw}, bs=${req.blockSize}B, iodepth=${req.iodepth}, numjobs=${req.numjobs}, size=${req.sizeBytes}B${req.verify ? `, verify=${req.verify}` : ""}`,
+  ];
+  if (r.readIos) lines.push(`  read: IOPS=${human(r.readIos / secs)}, BW=${((r.readIos * req.blockSize) / 1e6 / secs).toFixed(1)}MB/s (${r.readIos} ios)`);
+  if (r.writeIos) lines.push(`  write: IOPS=${human(r.writeIos / secs)}, BW=${((r.writeIos * req.blockSize) / 1e6 / secs).toFixed(1)}MB/s (${r.writeIos} ios)`);
+  lines.push(`  total: IOPS=${human(r.iops)}, BW=${r.mbPerS.toFixed(1)}MB/s, run=${r.runtimeMs}msec`);
+  lines.push(`  clat percentiles (usec): 50.00th=[${r.latP50Us.toFixed(1)}], 99.00th=[${r.latP99Us.toFixed(1)}], 99.90th=[${r.latP999Us.toFixed(1)}]`);
+  if (req.verify) lines.push(`  verify: ${r.verifyErrors} errors`);
+  else if (r.verifyErrors) lines.push(`  errors: ${r.verifyErrors}`);
+  for (const f of r.verifyFailures) lines.push(`    ${f}`);
+  if (r.verifyErrors > r.verifyFailures.length) lines.push(`    ... ${r.verifyErrors - r.verifyFailures.length} more`);
+  return lines.join("\n") + "\n";
+}
+
+export async function fio(values: FioValues, _positionals: string[]): Promise<number> {
+  const req = fioRequest(values);
+  const dir = resolve(values["state-dir"] ?? defaultStateDir());
+  const s = readState(dir);
+  if (!s || !pidAlive(s.supervisorPid)) throw new FioUsageError(`no virtmesh stack is running (state dir ${dir}); run 'virtmesh up' first`);
+  const vm = values.vm ?? "vm1";
+  const svc = s.services.find((x) => x.instance === `guest-driver-${vm}`);
+  if (!svc || !svc.grpc) throw new FioUsageError(`vm ${vm} is not running in the stack at ${dir}`);
+  const client = new guest.GuestServiceClient(svc.grpc, credentials.createInsecure());
+  const timeout = (req.runtimeMs || 0) + 15 * 60_000;
+  try {
+    const res = await new Promise<guest.FioResult>((ok, fail) =>
+      client.runFio(req, new Metadata(), { deadline: Date.now() + timeout }, (err, r) => (err ? fail(new FioUsageError(`fio on ${vm}: ${err.details || err.message}`)) : ok(r!))),
+    );
+    if (values.json) {
+      const out = {
+        vm,
+        host: svc.host,
+        params: { rw: req.rw, bs: req.blockSize, iodepth: req.iodepth, numjobs: req.numjobs, size: req.sizeBytes, runtimeMs: req.runtimeMs, verify: req.verify || null, rwmixread: req.rwmixRead },
+        result: res,
+      };
+      process.stdout.write(JSON.stringify(out, null, 2) + "\n");
+    } else process.stdout.write(formatFio(req, res, `${vm}@${svc.host}`));
+    return res.verifyErrors === 0 ? 0 : 1;
+  } finally {
+    client.close();
+  }
+}
+
+// Until the lead wires `virtmesh fio`: `node --require tsx/cjs cli/src/fio.ts --rw ... `.
+if (require.main === module) {
+  let parsed: { values: FioValues; positionals: string[] };
+  try {
+    parsed = parseArgs({ args: process.argv.slice(2), options: FIO_OPTIONS, allowPositionals: true, strict: true }) as { values: FioValues; positionals: string[] };
+  } catch (e) {
+    process.stderr.write(`virtmesh fio: ${(e as Error).message.split("\n")[0]}\n`);
+    process.exit(2);
+  }
+  fio(parsed.values, parsed.positionals).then(
+    (code) => process.exit(code),
+    (e: Error) => {
+      process.stderr.write(`virtmesh fio: ${e.name === "UsageError" ? e.message : (e.stack ?? String(e))}\n`);
+      process.exit(e.name === "UsageError" ? 2 : 1);
+    },
+  );
+}

@@ -1,0 +1,345 @@
+// The guest's fio-like workload over the virtio-blk driver: numjobs jobs, each
+// with iodepth requests in flight on its own region [job * size, (job+1) * size)
+// of the disk, sequential or random, one pass over the region or until the
+// runtime ends. With verify=crc32c every block written is self-describing
+// (@virtmesh/virtio-blk verify blocks) and every block read is checked: corrupt,
+// misplaced, never-written and stale (lost-write) blocks are reported with their
+// offset. Write jobs with verify read their region back afterwards (fio's verify
+// phase); every job that wrote ends with a FLUSH.
+import { performance } from "node:perf_hooks";
+import { context, trace, SpanKind, TraceFlags, type Context, type Span } from "@opentelemetry/api";
+import { LatencyHistogram } from "@virtmesh/bench";
+import { VERIFY_HEADER_BYTES, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, checkVerifyBlock, fillVerifyBlock } from "@virtmesh/virtio-blk";
+import type { VirtioBlkDriver } from "./blk";
+
+export type RwMode = "read" | "write" | "randread" | "randwrite" | "randrw";
+export const RW_MODES: readonly RwMode[] = ["read", "write", "randread", "randwrite", "randrw"];
+
+export interface FioParams {
+  rw: RwMode;
+  bs: number;
+  iodepth: number;
+  numjobs: number;
+  size: number;
+  runtimeMs: number;
+  verify: "" | "crc32c";
+  rwmixRead: number;
+}
+
+export interface FioOutcome {
+  readIos: number;
+  writeIos: number;
+  readBytes: number;
+  writeBytes: number;
+  iops: number;
+  mbPerS: number;
+  latP50Us: number;
+  latP99Us: number;
+  latP999Us: number;
+  verifyErrors: number;
+  verifyFailures: string[];
+  runtimeMs: number;
+}
+
+export const MAX_REPORTED_FAILURES = 100;
+
+export interface FioEnv {
+  driver: VirtioBlkDriver;
+  /** Guest address of slot s's data buffer: dataBase + s * maxBs. */
+  dataBase: number;
+  maxBs: number;
+  /** Slots [0, slots) the workload may use. */
+  slots: number;
+  diskBytes: number;
+  /** Trace one request in every `traceEvery` (0: none), when the RunFio call is sampled. */
+  traceEvery: number;
+}
+
+/** Checks a request against the VM; returns an error message or null. */
+export function checkFioParams(p: FioParams, env: FioEnv): string | null {
+  if (!RW_MODES.includes(p.rw)) return `rw '${p.rw}' is not one of ${RW_MODES.join("|")}`;
+  if (!(Number.isInteger(p.bs) && p.bs >= 512 && p.bs % 512 === 0 && p.bs <= env.maxBs)) return `bs ${p.bs} must be a multiple of 512 in [512, ${env.maxBs}]`;
+  if (p.verify && p.bs < VERIFY_HEADER_BYTES) return `bs ${p.bs} is too small for verify headers`;
+  if (!(Number.isInteger(p.iodepth) && p.iodepth >= 1)) return `iodepth ${p.iodepth} must be >= 1`;
+  if (!(Number.isInteger(p.numjobs) && p.numjobs >= 1)) return `numjobs ${p.numjobs} must be >= 1`;
+  if (p.iodepth * p.numjobs > env.slots) return `iodepth x numjobs = ${p.iodepth * p.numjobs} exceeds the ${env.slots} requests the queue can hold`;
+  if (!(Number.isSafeInteger(p.size) && p.size >= p.bs && p.size % p.bs === 0)) return `size ${p.size} must be a positive multiple of bs ${p.bs}`;
+  if (p.size * p.numjobs > env.diskBytes) return `numjobs x size = ${p.size * p.numjobs} exceeds the disk's ${env.diskBytes} bytes`;
+  if (p.verify !== "" && p.verify !== "crc32c") return `verify '${p.verify}' is not crc32c`;
+  if (!(p.rwmixRead >= 0 && p.rwmixRead <= 100)) return `rwmix_read ${p.rwmixRead} must be in [0, 100]`;
+  if (!(p.runtimeMs >= 0)) return `runtime ${p.runtimeMs} must be >= 0`;
+  return null;
+}
+
+/** xorshift32: deterministic, allocation-free randomness for offsets and read/write mix. */
+class Rng {
+  constructor(private s: number) {
+    if (this.s === 0) this.s = 0x2545f491;
+  }
+  next(): number {
+    let x = this.s;
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    this.s = x >>> 0;
+    return this.s;
+  }
+  below(n: number): number {
+    return this.next() % n;
+  }
+}
+
+type Phase = "main" | "verify" | "flush" | "done";
+
+class Job {
+  readonly blocks: number;
+  readonly base: number;
+  readonly gen: Uint32Array;
+  readonly busy: Uint8Array;
+  readonly order: Uint32Array | null;
+  phase: Phase = "main";
+  cursor = 0;
+  issued = 0;
+  inflight = 0;
+  wrote = false;
+  readonly slotBlock: Int32Array;
+  readonly slotWrite: Uint8Array;
+  readonly slotT0: Float64Array;
+  readonly slotSpan: Array<Span | null>;
+  private readonly rng: Rng;
+  resolve: () => void = () => undefined;
+
+  constructor(
+    readonly run: Run,
+    readonly index: number,
+    readonly firstSlot: number,
+  ) {
+    const p = run.p;
+    this.blocks = p.size / p.bs;
+    this.base = index * p.size;
+    this.gen = new Uint32Array(this.blocks);
+    this.busy = new Uint8Array(this.blocks);
+    this.rng = new Rng((run.runId ^ Math.imul(index + 1, 0x9e3779b1)) >>> 0);
+    if (p.rw === "randread" || p.rw === "randwrite") {
+      const o = new Uint32Array(this.blocks);
+      for (let i = 0; i < o.length; i++) o[i] = i;
+      for (let i = o.length - 1; i > 0; i--) {
+        const j = this.rng.below(i + 1);
+        const t = o[i]!;
+        o[i] = o[j]!;
+        o[j] = t;
+      }
+      this.order = o;
+    } else this.order = null;
+    this.slotBlock = new Int32Array(p.iodepth).fill(-1);
+    this.slotWrite = new Uint8Array(p.iodepth);
+    this.slotT0 = new Float64Array(p.iodepth);
+    this.slotSpan = new Array<Span | null>(p.iodepth).fill(null);
+  }
+
+  start(): Promise<void> {
+    return new Promise((resolve) => {
+      this.resolve = resolve;
+      for (let i = 0; i < this.run.p.iodepth; i++) this.issue(i);
+      this.run.env.driver.notify();
+      this.maybeAdvance();
+    });
+  }
+
+  /** Picks and submits the next I/O on local slot i; false if this phase has nothing left. */
+  issue(i: number): boolean {
+    const p = this.run.p;
+    let blk = -1;
+    let isWrite = false;
+    if (this.phase === "main") {
+      if (this.issued >= this.blocks || this.run.timeUp()) return false;
+      if (p.rw === "randrw") {
+        blk = this.rng.below(this.blocks);
+        // One request per block at a time, so verify can expect the last generation.
+        for (let k = 0; k < this.blocks && this.busy[blk] === 1; k++) blk = (blk + 1) % this.blocks;
+        if (this.busy[blk] === 1) return false;
+        isWrite = this.rng.below(100) >= p.rwmixRead;
+      } else {
+        blk = this.order ? this.order[this.issued]! : this.issued;
+        isWrite = p.rw === "write" || p.rw === "randwrite";
+      }
+      this.issued++;
+    } else if (this.phase === "verify") {
+      while (this.cursor < this.blocks && this.gen[this.cursor] === 0) this.cursor++;
+      if (this.cursor >= this.blocks) return false;
+      blk = this.cursor++;
+    } else return false;
+
+    const slot = this.firstSlot + i;
+    const env = this.run.env;
+    const data = env.dataBase + slot * env.maxBs;
+    const off = this.base + blk * p.bs;
+    if (isWrite) {
+      const g = this.gen[blk]! + 1;
+      this.gen[blk] = g;
+      if (p.verify) {
+        fillVerifyBlock(env.driver.mem.bytes, data, p.bs, off, { generation: g, run: this.run.runId, job: this.index });
+        env.driver.mem.vcpu.markDirty(data, p.bs);
+      }
+      this.wrote = true;
+    }
+    this.busy[blk] = 1;
+    this.slotBlock[i] = blk;
+    this.slotWrite[i] = isWrite ? 1 : 0;
+    this.slotT0[i] = performance.now();
+    this.inflight++;
+    if (!env.driver.submit(slot, isWrite ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN, off / 512, data, p.bs)) {
+      throw new Error("virtqueue full: more requests than descriptors");
+    }
+    if (this.run.sampled()) {
+      // A sampled request: a guest span, whose context rides the head's trace slot to the host.
+      const span = trace.getTracer("virtmesh.guest-driver").startSpan(
+        `virtio-blk ${isWrite ? "OUT" : "IN"}`,
+        { kind: SpanKind.CLIENT, attributes: { "virtio.vm": this.run.vm, "virtio_blk.offset": off, "virtio_blk.bytes": p.bs, "fio.job": this.index } },
+        this.run.parent,
+      );
+      const sc = span.spanContext();
+      env.driver.traceSubmitted(slot, sc.traceId, sc.spanId, sc.traceFlags);
+      this.slotSpan[i] = span;
+    }
+    return true;
+  }
+
+  complete(i: number, status: number): void {
+    const run = this.run;
+    const p = run.p;
+    this.inflight--;
+    const slot = this.firstSlot + i;
+    if (this.phase === "flush") {
+      if (status !== VIRTIO_BLK_S_OK) run.fail(`job ${this.index}: FLUSH failed with status ${status}`);
+      this.phase = "done";
+      this.resolve();
+      return;
+    }
+    const blk = this.slotBlock[i]!;
+    const isWrite = this.slotWrite[i] === 1;
+    const off = this.base + blk * p.bs;
+    run.hist.record((performance.now() - this.slotT0[i]!) * 1e6);
+    const span = this.slotSpan[i];
+    if (span) {
+      span.setAttribute("virtio_blk.status", status).end();
+      this.slotSpan[i] = null;
+    }
+    this.busy[blk] = 0;
+    if (isWrite) {
+      run.writeIos++;
+      run.writeBytes += p.bs;
+    } else {
+      run.readIos++;
+      run.readBytes += p.bs;
+    }
+    if (status !== VIRTIO_BLK_S_OK) {
+      run.fail(`offset ${off}: ${isWrite ? "write" : "read"} failed with status ${status}`);
+    } else if (!isWrite && p.verify) {
+      const g = this.gen[blk]!;
+      // Pure read jobs check any earlier run's blocks; mixed jobs check only what they wrote.
+      if (g !== 0 || p.rw === "read" || p.rw === "randread") {
+        const bad = checkVerifyBlock(run.env.driver.mem.bytes, run.env.dataBase + slot * run.env.maxBs, p.bs, off, { generation: g, run: g ? run.runId : 0 });
+        if (bad) run.fail(bad);
+      }
+    }
+    this.issue(i);
+    this.maybeAdvance();
+  }
+
+  private maybeAdvance(): void {
+    if (this.inflight > 0) return;
+    const p = this.run.p;
+    if (this.phase === "main" && p.verify && this.wrote && (p.rw === "write" || p.rw === "randwrite")) {
+      this.phase = "verify";
+      this.cursor = 0;
+      let any = false;
+      for (let i = 0; i < p.iodepth; i++) any = this.issue(i) || any;
+      this.run.env.driver.notify();
+      if (any) return;
+    }
+    if ((this.phase === "main" || this.phase === "verify") && this.wrote) {
+      // fio's end_fsync: what was written is on the disk before the job reports.
+      this.phase = "flush";
+      this.inflight++;
+      this.run.env.driver.submit(this.firstSlot, VIRTIO_BLK_T_FLUSH, 0, 0, 0);
+      this.run.env.driver.notify();
+      return;
+    }
+    if (this.phase !== "done" && this.phase !== "flush") {
+      this.phase = "done";
+      this.resolve();
+    }
+  }
+}
+
+class Run {
+  readIos = 0;
+  writeIos = 0;
+  readBytes = 0;
+  writeBytes = 0;
+  errors = 0;
+  readonly failures: string[] = [];
+  readonly hist = new LatencyHistogram();
+  readonly runId: number;
+  private readonly deadline: number;
+  private requests = 0;
+  private readonly traceOn: boolean;
+
+  constructor(
+    readonly p: FioParams,
+    readonly env: FioEnv,
+    readonly parent: Context,
+    readonly vm: string,
+  ) {
+    const sc = trace.getSpanContext(parent);
+    this.traceOn = env.traceEvery > 0 && sc !== undefined && (sc.traceFlags & TraceFlags.SAMPLED) !== 0;
+    this.runId = ((Math.random() * 0xfffffffe) >>> 0) + 1;
+    this.deadline = p.runtimeMs > 0 ? performance.now() + p.runtimeMs : Infinity;
+  }
+  /** Whether the next request is sampled (1 in traceEvery, only inside a sampled RunFio). */
+  sampled(): boolean {
+    return this.traceOn && ++this.requests % this.env.traceEvery === 0;
+  }
+  timeUp(): boolean {
+    return performance.now() >= this.deadline;
+  }
+  fail(msg: string): void {
+    this.errors++;
+    if (this.failures.length < MAX_REPORTED_FAILURES) this.failures.push(msg);
+  }
+}
+
+/** Runs the workload; the driver's onComplete is taken over for the slots it uses. */
+export async function runFio(p: FioParams, env: FioEnv, route: (handler: (slot: number, status: number) => void) => () => void, vm = ""): Promise<FioOutcome> {
+  // Completions run on the interrupt loop, outside the RunFio call: keep its context for the spans.
+  const run = new Run(p, env, context.active(), vm);
+  const jobs: Job[] = [];
+  for (let j = 0; j < p.numjobs; j++) jobs.push(new Job(run, j, j * p.iodepth));
+  const release = route((slot, status) => {
+    const j = jobs[Math.floor(slot / p.iodepth)];
+    if (j) j.complete(slot % p.iodepth, status);
+  });
+  const t0 = performance.now();
+  try {
+    await Promise.all(jobs.map((j) => j.start()));
+  } finally {
+    release();
+  }
+  const elapsed = Math.max(performance.now() - t0, 0.001);
+  const ios = run.readIos + run.writeIos;
+  return {
+    readIos: run.readIos,
+    writeIos: run.writeIos,
+    readBytes: run.readBytes,
+    writeBytes: run.writeBytes,
+    iops: ios / (elapsed / 1000),
+    mbPerS: (run.readBytes + run.writeBytes) / 1e6 / (elapsed / 1000),
+    latP50Us: run.hist.percentileUs(50),
+    latP99Us: run.hist.percentileUs(99),
+    latP999Us: run.hist.percentileUs(99.9),
+    verifyErrors: run.errors,
+    verifyFailures: run.failures,
+    runtimeMs: Math.round(elapsed),
+  };
+}
