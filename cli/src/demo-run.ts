@@ -1,6 +1,6 @@
 import { credentials, Metadata } from "@grpc/grpc-js";
 import { context, trace, SpanStatusCode } from "@opentelemetry/api";
-import { probe } from "@virtmesh/proto";
+import { balloon, guest, probe, sidecar } from "@virtmesh/proto";
 import { shutdownTelemetry, type OtlpReceiver } from "@virtmesh/telemetry";
 import { Stack } from "./stack";
 import { stackOptions } from "./commands";
@@ -86,6 +86,7 @@ export async function runDemo(v: Values, receiver: OtlpReceiver): Promise<number
     say(`trace ${traceId} (${spans.length} spans from ${new Set(spans.map((s) => s.service)).size} processes):`);
     say(renderSpanTree(spans));
     say("");
+    await workloads(snap.services, o.vms[0]!.vm, o.vms[0]!.host, say);
   } finally {
     process.off("SIGINT", onSignal);
     process.off("SIGTERM", onSignal);
@@ -96,4 +97,57 @@ export async function runDemo(v: Values, receiver: OtlpReceiver): Promise<number
   }
   say(`demo finished in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
   return 0;
+}
+
+type Svc = { instance: string; host: string; grpc: string };
+type Cb<T> = (err: Error | null, res?: T) => void;
+
+function call<Req, Res>(fn: (req: Req, md: Metadata, opts: { deadline: number }, cb: Cb<Res>) => unknown, req: Req, timeoutMs = 60_000): Promise<Res> {
+  return new Promise((resolve, reject) => fn(req, new Metadata(), { deadline: Date.now() + timeoutMs }, (e, r) => (e ? reject(e) : resolve(r!))));
+}
+
+const MiB = 1024 * 1024;
+
+/** The VM's I/O (verified fio on its virtio-blk disk) and its balloon, on the running stack. */
+async function workloads(services: Svc[], vm: string, host: string, say: (line: string) => void): Promise<void> {
+  const at = (instance: string) => services.find((s) => s.instance === instance && s.host === host)!.grpc;
+  const g = new guest.GuestServiceClient(at(`guest-driver-${vm}`), credentials.createInsecure());
+  const b = new balloon.BalloonServiceClient(at("balloon-host"), credentials.createInsecure());
+  const m = new sidecar.SharedMemoryServiceClient(at("shm-sidecar"), credentials.createInsecure());
+  try {
+    say(`${vm}: fio randrw 4k, iodepth 16, 2 jobs, 3 s, verify crc32c on its virtio-blk disk (vhost-worker + completion-thread)`);
+    const f = await call(g.runFio.bind(g), { rw: "randrw", blockSize: 4096, iodepth: 16, numjobs: 2, sizeBytes: 16 * MiB, runtimeMs: 3000, verify: "crc32c", rwmixRead: 50 });
+    say(`  ${f.readIos} reads, ${f.writeIos} writes: ${f.iops.toFixed(0)} IOPS, ${f.mbPerS.toFixed(1)} MB/s, p50 ${f.latP50Us.toFixed(0)} us, p99 ${f.latP99Us.toFixed(0)} us, verify errors ${f.verifyErrors}`);
+
+    const st = await call(g.getState.bind(g), {});
+    const usage = async () => (await call(m.memoryUsage.bind(m), { vm })).allocatedBytes;
+    // Until the balloon reaches its target, or stops moving (the guest has no free page left).
+    const waitBalloon = async (pages: number) => {
+      const deadline = Date.now() + 30_000;
+      let last = -1;
+      let still = 0;
+      for (;;) {
+        const s = await call(b.getStats.bind(b), { vm });
+        still = s.actualPages === last ? still + 1 : 0;
+        last = s.actualPages;
+        if (s.actualPages === pages || still >= 10 || Date.now() > deadline) return s;
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    };
+    const before = await usage();
+    const target = Math.floor(st.memoryBytes / 4 / MiB) * MiB;
+    say(`${vm}: balloon inflate to ${target / MiB} MiB of ${st.memoryBytes / MiB} MiB guest memory`);
+    const t0 = Date.now();
+    await call(b.setTarget.bind(b), { vm, targetBytes: target });
+    const inflated = await waitBalloon(target / 4096);
+    const during = await usage();
+    say(`  ${inflated.actualPages} of ${target / 4096} pages ballooned in ${Date.now() - t0} ms (${balloon.balloonModeToJSON(inflated.mode)}); guest memory file allocated ${(before / MiB).toFixed(1)} -> ${(during / MiB).toFixed(1)} MiB`);
+    await call(b.setTarget.bind(b), { vm, targetBytes: 0 });
+    const deflated = await waitBalloon(0);
+    say(`  deflated: ${deflated.actualPages} pages in the balloon`);
+  } finally {
+    g.close();
+    b.close();
+    m.close();
+  }
 }
