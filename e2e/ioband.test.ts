@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { connectNats, drainNats } from "@virtmesh/nats";
-import { ROOT, run, service, virtmesh, pidAlive, until, type RunResult } from "./helpers";
+import { service, virtmesh, pidAlive, until, type RunResult } from "./helpers";
 
 const DEVICES = "ioband1:weight,ioband2:weight@ioband1,ioband3:range-bw";
 const stateDir = mkdtempSync(join(tmpdir(), "virtmesh-e2e-ioband-"));
@@ -26,14 +26,8 @@ interface Seen {
 }
 const seen: Seen[] = [];
 
-// Until cli/src/main.ts dispatches `ioband` to cli/src/ioband.ts, run that module's own
-// entry point, which prints errors and picks exit codes the way main.ts does.
-const WIRED = readFileSync(join(ROOT, "cli", "src", "main.ts"), "utf8").includes('"./ioband"');
-const RUNNER = 'require("./cli/src/ioband.ts").iobandMain(process.argv.slice(1)).then((c) => process.exit(c))';
-
 function ioband(...args: string[]): Promise<RunResult> {
-  if (WIRED) return virtmesh(["ioband", ...args], env, 30_000);
-  return run(process.execPath, ["--require", "tsx/cjs", "-e", RUNNER, "--", ...args], env, 30_000);
+  return virtmesh(["ioband", ...args], env, 30_000);
 }
 
 async function ok(...args: string[]): Promise<string> {

@@ -30,7 +30,7 @@ import {
   writeBlkHeader,
   writeDiscardSegment,
 } from "@virtmesh/virtio-blk";
-import { virtmesh, run, pidAlive, until, ROOT, type RunResult } from "./helpers";
+import { virtmesh, pidAlive, until, type RunResult } from "./helpers";
 
 const stateDir = mkdtempSync(join(tmpdir(), "virtmesh-e2e-blkh-"));
 let env: NodeJS.ProcessEnv;
@@ -53,7 +53,7 @@ async function refused<Req, Res>(c: Client, m: (req: Req, cb: Cb<Res>) => unknow
 }
 
 function fio(args: string[]): Promise<RunResult> {
-  return run(process.execPath, ["--require", "tsx/cjs", join(ROOT, "cli", "src", "fio.ts"), ...args], env, 120_000);
+  return virtmesh(["fio", ...args], env, 120_000);
 }
 
 let sc: sidecar.SharedMemoryServiceClient;

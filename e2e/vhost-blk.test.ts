@@ -12,7 +12,7 @@ import { credentials, Metadata } from "@grpc/grpc-js";
 import { OtlpReceiver } from "@virtmesh/telemetry";
 import { guest } from "@virtmesh/proto";
 import { checkVerifyBlock } from "@virtmesh/virtio-blk";
-import { virtmesh, run, pidAlive, until, ROOT, type RunResult } from "./helpers";
+import { virtmesh, pidAlive, until, type RunResult } from "./helpers";
 
 const stateDir = mkdtempSync(join(tmpdir(), "virtmesh-e2e-blk-"));
 const disk = join(stateDir, "disks", "vm1.img");
@@ -29,9 +29,9 @@ interface State {
 }
 const state = () => JSON.parse(readFileSync(join(stateDir, "state.json"), "utf8")) as State;
 
-/** `virtmesh fio` (cli/src/fio.ts; run directly until the CLI wires the command). */
+/** `virtmesh fio`. */
 function fio(args: string[]): Promise<RunResult> {
-  return run(process.execPath, ["--require", "tsx/cjs", join(ROOT, "cli", "src", "fio.ts"), ...args], env, 120_000);
+  return virtmesh(["fio", ...args], env, 120_000);
 }
 
 async function up(): Promise<void> {

@@ -7,13 +7,7 @@ import { connectNats, drainNats, Registry } from "@virtmesh/nats";
 import { balloon } from "@virtmesh/proto";
 import { defaultStateDir, readState } from "./state";
 
-// main.ts checks errors by name: UsageError exits 2, CliError 1, both print one line.
-class UsageError extends Error {
-  override readonly name = "UsageError";
-}
-class CliError extends Error {
-  override readonly name = "CliError";
-}
+import { CliError, UsageError } from "./errors";
 
 export interface BalloonValues {
   json?: string | boolean;

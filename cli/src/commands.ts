@@ -8,9 +8,8 @@ import { Stack, checkHealth, type StackOptions } from "./stack";
 import { defaultStateDir, pidAlive, readState, statePath, writeState, type StackState } from "./state";
 import type { Values } from "./main";
 
-export class CliError extends Error {
-  override readonly name = "CliError";
-}
+import { CliError } from "./errors";
+export { CliError };
 
 export const ROOT = resolve(__dirname, "..", "..");
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

@@ -6,9 +6,9 @@
 // Exit status: 0 when every I/O succeeded and verified, 1 otherwise.
 import { credentials, Metadata } from "@grpc/grpc-js";
 import { resolve } from "node:path";
-import { parseArgs } from "node:util";
 import { guest } from "@virtmesh/proto";
 import { defaultStateDir, pidAlive, readState } from "./state";
+import { CliError, UsageError } from "./errors";
 
 export interface FioValues {
   rw?: string;
@@ -39,25 +39,22 @@ export const FIO_OPTIONS = {
   "state-dir": { type: "string" },
 } as const;
 
-export class FioUsageError extends Error {
-  override readonly name = "UsageError";
-}
 
 const UNITS: Record<string, number> = { "": 1, b: 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 };
 
 /** fio-style sizes: 4k, 64m, 1g (binary units), or plain bytes. */
 export function parseSize(what: string, s: string): number {
   const m = /^(\d+)([kmgt]?)(i?b)?$/i.exec(s.trim());
-  if (!m) throw new FioUsageError(`--${what} ${s} is not a size (e.g. 4k, 64m, 1g)`);
+  if (!m) throw new UsageError(`--${what} ${s} is not a size (e.g. 4k, 64m, 1g)`);
   const v = Number(m[1]) * UNITS[m[2]!.toLowerCase()]!;
-  if (!Number.isSafeInteger(v)) throw new FioUsageError(`--${what} ${s} is too large`);
+  if (!Number.isSafeInteger(v)) throw new UsageError(`--${what} ${s} is too large`);
   return v;
 }
 
 /** fio-style times: 10s, 500ms, 2m, 1h; a plain number is seconds. Returns ms. */
 export function parseTime(s: string): number {
   const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(s.trim());
-  if (!m) throw new FioUsageError(`--runtime ${s} is not a time (e.g. 10s, 500ms, 2m)`);
+  if (!m) throw new UsageError(`--runtime ${s} is not a time (e.g. 10s, 500ms, 2m)`);
   const mult = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m[2] ?? "s") as "ms" | "s" | "m" | "h"];
   return Math.round(Number(m[1]) * mult);
 }
@@ -65,15 +62,15 @@ export function parseTime(s: string): number {
 function intOpt(what: string, s: string | undefined, dflt: number, min: number, max: number): number {
   if (s === undefined) return dflt;
   const v = Number(s);
-  if (!Number.isInteger(v) || v < min || v > max) throw new FioUsageError(`--${what} ${s} must be an integer in [${min}, ${max}]`);
+  if (!Number.isInteger(v) || v < min || v > max) throw new UsageError(`--${what} ${s} must be an integer in [${min}, ${max}]`);
   return v;
 }
 
 export function fioRequest(v: FioValues): guest.FioRequest {
   const rw = v.rw ?? "randread";
-  if (!["read", "write", "randread", "randwrite", "randrw"].includes(rw)) throw new FioUsageError(`--rw ${rw} must be read|write|randread|randwrite|randrw`);
+  if (!["read", "write", "randread", "randwrite", "randrw"].includes(rw)) throw new UsageError(`--rw ${rw} must be read|write|randread|randwrite|randrw`);
   const verify = v.verify ?? "";
-  if (verify !== "" && verify !== "crc32c") throw new FioUsageError(`--verify ${verify} must be crc32c`);
+  if (verify !== "" && verify !== "crc32c") throw new UsageError(`--verify ${verify} must be crc32c`);
   return {
     rw,
     blockSize: parseSize("bs", v.bs ?? "4k"),
@@ -112,15 +109,15 @@ export async function fio(values: FioValues, _positionals: string[]): Promise<nu
   const req = fioRequest(values);
   const dir = resolve(values["state-dir"] ?? defaultStateDir());
   const s = readState(dir);
-  if (!s || !pidAlive(s.supervisorPid)) throw new FioUsageError(`no virtmesh stack is running (state dir ${dir}); run 'virtmesh up' first`);
+  if (!s || !pidAlive(s.supervisorPid)) throw new CliError(`no virtmesh stack is running (state dir ${dir}); run 'virtmesh up' first`);
   const vm = values.vm ?? "vm1";
   const svc = s.services.find((x) => x.instance === `guest-driver-${vm}`);
-  if (!svc || !svc.grpc) throw new FioUsageError(`vm ${vm} is not running in the stack at ${dir}`);
+  if (!svc || !svc.grpc) throw new CliError(`vm ${vm} is not running in the stack at ${dir}`);
   const client = new guest.GuestServiceClient(svc.grpc, credentials.createInsecure());
   const timeout = (req.runtimeMs || 0) + 15 * 60_000;
   try {
     const res = await new Promise<guest.FioResult>((ok, fail) =>
-      client.runFio(req, new Metadata(), { deadline: Date.now() + timeout }, (err, r) => (err ? fail(new FioUsageError(`fio on ${vm}: ${err.details || err.message}`)) : ok(r!))),
+      client.runFio(req, new Metadata(), { deadline: Date.now() + timeout }, (err, r) => (err ? fail(new CliError(`fio on ${vm}: ${err.details || err.message}`)) : ok(r!))),
     );
     if (values.json) {
       const out = {
@@ -135,22 +132,4 @@ export async function fio(values: FioValues, _positionals: string[]): Promise<nu
   } finally {
     client.close();
   }
-}
-
-// Until the lead wires `virtmesh fio`: `node --require tsx/cjs cli/src/fio.ts --rw ... `.
-if (require.main === module) {
-  let parsed: { values: FioValues; positionals: string[] };
-  try {
-    parsed = parseArgs({ args: process.argv.slice(2), options: FIO_OPTIONS, allowPositionals: true, strict: true }) as { values: FioValues; positionals: string[] };
-  } catch (e) {
-    process.stderr.write(`virtmesh fio: ${(e as Error).message.split("\n")[0]}\n`);
-    process.exit(2);
-  }
-  fio(parsed.values, parsed.positionals).then(
-    (code) => process.exit(code),
-    (e: Error) => {
-      process.stderr.write(`virtmesh fio: ${e.name === "UsageError" ? e.message : (e.stack ?? String(e))}\n`);
-      process.exit(e.name === "UsageError" ? 2 : 1);
-    },
-  );
 }

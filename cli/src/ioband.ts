@@ -5,20 +5,13 @@
 // The stack is found as the other drive commands find it: state.json in --state-dir
 // (default $VIRTMESH_STATE_DIR) for the NATS URL, else NATS_URL; then the registry
 // (svc.<host>.vhost-worker, vm.<vm>). Without NATS, the service records in state.json.
-import { parseArgs } from "node:util";
 import { credentials, Metadata, status as Status, type ServiceError } from "@grpc/grpc-js";
 import { ConfigError, checkName } from "@virtmesh/config";
 import { connectNats, drainNats, Registry } from "@virtmesh/nats";
 import { ioband as pb } from "@virtmesh/proto";
 import { defaultStateDir, pidAlive, readState } from "./state";
 
-// main.ts checks errors by name: UsageError exits 2, CliError 1, both print one line.
-class UsageError extends Error {
-  override readonly name = "UsageError";
-}
-class CliError extends Error {
-  override readonly name = "CliError";
-}
+import { CliError, UsageError } from "./errors";
 
 export interface IobandValues {
   host?: string;
@@ -243,28 +236,3 @@ export const IOBAND_OPTIONS = {
   help: { type: "boolean", short: "h" },
 } as const;
 
-/**
- * A stand-alone `virtmesh ioband` (argv after "ioband") with main.ts's error convention,
- * for use until main.ts dispatches to `ioband()`: one line `virtmesh: …`, exit 2 for
- * usage errors, 1 for the rest.
- */
-export async function iobandMain(argv: string[]): Promise<number> {
-  try {
-    let parsed: { values: IobandValues & { help?: boolean }; positionals: string[] };
-    try {
-      parsed = parseArgs({ args: argv, options: IOBAND_OPTIONS, allowPositionals: true, strict: true });
-    } catch (e) {
-      throw new UsageError((e as Error).message.split("\n")[0]!);
-    }
-    if (parsed.values.help) {
-      process.stdout.write(`${IOBAND_USAGE}\n`);
-      return 0;
-    }
-    return await ioband(parsed.values, parsed.positionals);
-  } catch (e) {
-    const err = e as Error;
-    const known = ["UsageError", "CliError", "ConfigError", "NatsUnreachableError"];
-    process.stderr.write(`virtmesh: ${known.includes(err.name) ? err.message : (err.stack ?? String(e))}\n`);
-    return err.name === "UsageError" ? 2 : 1;
-  }
-}

@@ -70,9 +70,8 @@ export interface Values {
   rwmixread?: string;
 }
 
-export class UsageError extends Error {
-  override readonly name = "UsageError";
-}
+import { UsageError } from "./errors";
+export { UsageError };
 
 export const OPTIONS = {
   json: { type: "string" },
