@@ -9,6 +9,7 @@ const BENCHES: Record<string, () => Runner> = {
   ioband: () => (require("@virtmesh/ioband") as typeof import("@virtmesh/ioband")).runIobandBench,
   balloon: () => (require("@virtmesh/balloon") as typeof import("@virtmesh/balloon")).runBalloonBench,
   qspinlock: () => (require("@virtmesh/qspinlock") as typeof import("@virtmesh/qspinlock")).runQspinlockBench,
+  "vhost-blk": () => (require("./bench-vhost-blk/vhost-blk") as typeof import("./bench-vhost-blk/vhost-blk")).runVhostBlkBench,
 };
 
 export const BENCH_NAMES = Object.keys(BENCHES);

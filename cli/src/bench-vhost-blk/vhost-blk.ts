@@ -17,7 +17,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { closeSync, existsSync, ftruncateSync, mkdtempSync, openSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { loadavg, tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { performance } from "node:perf_hooks";
 import { createInterface } from "node:readline";
@@ -226,6 +226,10 @@ class RingTarget {
     };
   }
 
+  async warmup(ms: number): Promise<void> {
+    await this.fio("randread", ms);
+  }
+
   /** A crc32c-verified random write pass (with fio's read-back) then a verified read of the same region. */
   async verify(): Promise<{ errors: number; ios: number; failures: string[] }> {
     const w = await this.fio("randwrite", 0, true, VERIFY_BYTES);
@@ -304,6 +308,10 @@ class RpcTarget {
     });
   }
 
+  async warmup(ms: number): Promise<void> {
+    await this.measure("randread", ms);
+  }
+
   /** fio's loop over gRPC: IODEPTH calls in flight, one pass or until runtimeMs, writes end with FLUSH. */
   async measure(rw: BlkPattern, runtimeMs: number): Promise<Measured> {
     const hist = new LatencyHistogram();
@@ -373,6 +381,23 @@ class RpcTarget {
 
 // ---------------------------------------------------------------------------
 
+class TargetError extends Error {
+  constructor(
+    readonly target: RingTarget | RpcTarget,
+    override readonly cause: Error,
+  ) {
+    super(cause.message);
+  }
+}
+
+async function guarded<T>(t: RingTarget | RpcTarget, f: () => Promise<T>): Promise<T> {
+  try {
+    return await f();
+  } catch (e) {
+    throw new TargetError(t, e as Error);
+  }
+}
+
 const ratio = (a: number | undefined, b: number | undefined): number | null => (a !== undefined && b !== undefined && b > 0 ? a / b : null);
 const pct = (a: number | undefined, b: number | undefined): number | null => {
   const r = ratio(a, b);
@@ -386,6 +411,15 @@ export async function runVhostBlkBench(opts: VhostBlkBenchOptions): Promise<Benc
   const backends = opts.backends ?? ["null", "file"];
   const modes = opts.modes ?? ["parallel", "serialized", "rpc"];
   const patterns = RUN_ORDER.filter((p) => (opts.patterns ?? PATTERNS).includes(p));
+  if (!(Number.isInteger(runtimeMs) && runtimeMs >= 1)) throw new RangeError(`runtimeMs ${runtimeMs} must be a positive integer`);
+  if (!(Number.isInteger(warmupMs) && warmupMs >= 0)) throw new RangeError(`warmupMs ${warmupMs} must be a non-negative integer`);
+  const bad = [
+    ...backends.filter((b) => b !== "null" && b !== "file"),
+    ...modes.filter((m) => m !== "parallel" && m !== "serialized" && m !== "rpc"),
+    ...(opts.patterns ?? []).filter((p) => !PATTERNS.includes(p)),
+  ];
+  if (bad.length) throw new RangeError(`unknown backend, mode or pattern: ${bad.join(", ")}`);
+  if (!backends.length || !modes.length || !patterns.length) throw new RangeError("backends, modes and patterns must not be empty");
   const dir = mkdtempSync(join(tmpdir(), "virtmesh-bench-vhost-blk-"));
   const measured: Measured[] = [];
   let verifyErrors = 0;
@@ -394,50 +428,48 @@ export async function runVhostBlkBench(opts: VhostBlkBenchOptions): Promise<Benc
   const t0 = Date.now();
   const stackStartMs: number[] = [];
 
+  const loadStart = loadavg()[0]!;
   try {
     for (const backend of backends) {
-      for (const mode of modes) {
-        if (mode === "rpc") {
-          const t = new RpcTarget(backend, dir);
-          try {
-            say(`vhost-blk: rpc peer, ${backend} backend`);
-            await t.start();
-            await t.measure("randread", warmupMs);
-            for (const p of patterns) {
-              const m = await t.measure(p, runtimeMs);
-              measured.push(m);
-              say(`  ${backend} rpc ${p}: ${Math.round(m.iops)} IOPS, p50 ${m.p50.toFixed(1)} us, p99 ${m.p99.toFixed(1)} us`);
-            }
-          } finally {
-            await t.stop();
-          }
-          continue;
-        }
-        const t = new RingTarget(backend, mode, dir);
-        try {
-          say(`vhost-blk: stack with ${backend} backend, ${mode} completion`);
-          const s0 = Date.now();
-          await t.start();
-          stackStartMs.push(Date.now() - s0);
-          await t.fio("randread", warmupMs);
-          for (const p of patterns) {
-            const m = await t.measure(p, runtimeMs);
-            if (m.errors) throw new Error(`${backend} ${mode} ${p}: ${m.errors} failed requests`);
+      // Every mode of one backend is up at once and the patterns alternate between
+      // them, so a change in the machine's load hits each mode alike (the A/B is
+      // interleaved, not one mode after the other). Idle targets sleep on their doorbells.
+      const targets: Array<RingTarget | RpcTarget> = modes.map((mode) => (mode === "rpc" ? new RpcTarget(backend, dir) : new RingTarget(backend, mode, dir)));
+      try {
+        say(`vhost-blk: ${backend} backend: starting ${modes.map((m) => (m === "rpc" ? "the rpc peer" : `a stack with ${m} completion`)).join(", ")}`);
+        const s0 = Date.now();
+        const started = await Promise.allSettled(targets.map((t) => t.start()));
+        const failed = started.findIndex((x) => x.status === "rejected");
+        if (failed >= 0) throw new TargetError(targets[failed]!, (started[failed] as PromiseRejectedResult).reason as Error);
+        stackStartMs.push(Date.now() - s0);
+        if (warmupMs > 0) for (const t of targets) await guarded(t, () => t.warmup(warmupMs));
+        for (const p of patterns) {
+          for (const t of targets) {
+            const m = await guarded(t, () => t.measure(p, runtimeMs));
+            if (m.errors) throw new TargetError(t, new Error(`${p}: ${m.errors} failed requests`));
             measured.push(m);
-            say(`  ${backend} ${mode} ${p}: ${Math.round(m.iops)} IOPS, p50 ${m.p50.toFixed(1)} us, p99 ${m.p99.toFixed(1)} us, ${m.kicksPerReq?.toFixed(3)} kicks/req, ${m.irqsPerReq?.toFixed(3)} irqs/req`);
+            const ring = m.kicksPerReq === null ? "" : `, ${m.kicksPerReq.toFixed(3)} kicks/req, ${m.irqsPerReq?.toFixed(3)} irqs/req`;
+            say(`  ${backend} ${m.mode} ${p}: ${Math.round(m.iops)} IOPS, p50 ${m.p50.toFixed(1)} us, p99 ${m.p99.toFixed(1)} us${ring}`);
           }
-          if (backend === "file") {
-            const v = await t.verify();
+        }
+        if (backend === "file") {
+          for (const t of targets) {
+            if (!(t instanceof RingTarget)) continue;
+            const v = await guarded(t, () => t.verify());
             verifyErrors += v.errors;
             verifyIos += v.ios;
             verifyFailures.push(...v.failures);
-            say(`  ${backend} ${mode} verify crc32c: ${v.ios} I/Os, ${v.errors} errors`);
+            say(`  ${backend} ${t.mode} verify crc32c: ${v.ios} I/Os, ${v.errors} errors`);
           }
-        } catch (e) {
-          throw new Error(`${backend}/${mode}: ${(e as Error).message}${t.lastLog() ? ` (stack log: ${t.lastLog()})` : ""}`);
-        } finally {
-          await t.stop();
         }
+      } catch (e) {
+        if (e instanceof TargetError) {
+          const log = e.target instanceof RingTarget ? e.target.lastLog() : "";
+          throw new Error(`${backend}/${e.target instanceof RingTarget ? e.target.mode : "rpc"}: ${e.cause.message}${log ? ` (stack log: ${log})` : ""}`);
+        }
+        throw e;
+      } finally {
+        await Promise.all(targets.map((t) => t.stop().catch((e: Error) => say(`  stopping ${backend}: ${e.message}`))));
       }
     }
   } finally {
@@ -493,6 +525,7 @@ export async function runVhostBlkBench(opts: VhostBlkBenchOptions): Promise<Benc
       null_disk_bytes: NULL_DISK_BYTES,
       file_disk_bytes: FILE_DISK_BYTES,
       file_disk_dir: tmpdir(),
+      order: "per backend, all modes up at once; each pattern runs on every mode in turn (interleaved A/B)",
       ring: "one in-process Stack per backend x completion mode (guest-driver RunFio over gRPC; EVENT_IDX and INDIRECT_DESC on; queue size 128)",
       rpc: "one gRPC unary call per request to a peer process, data in the messages, IODEPTH calls in flight",
       kicks_per_req: "vhost-worker GetStats kicks (kick-loop wake-ups) / requests",
@@ -500,7 +533,9 @@ export async function runVhostBlkBench(opts: VhostBlkBenchOptions): Promise<Benc
       parallel_over_serialized: "null backend, rand read: parallel IOPS / serialized IOPS",
       ring_over_rpc: "null backend, rand read: parallel IOPS / rpc IOPS",
       verify: ranVerify ? `crc32c randwrite + read of ${VERIFY_BYTES} bytes on each file-backend stack (${verifyIos} I/Os)` : "not run",
-      stack_start_ms: stackStartMs,
+      targets_start_ms: stackStartMs,
+      loadavg_1m_start: loadStart,
+      loadavg_1m_end: loadavg()[0]!,
       total_ms: Date.now() - t0,
     },
     rows,
