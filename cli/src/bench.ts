@@ -6,6 +6,7 @@ type Runner = (opts: { quick: boolean; onProgress?: (line: string) => void }) =>
 
 // Loaded lazily: each bench pulls in only its own packages.
 const BENCHES: Record<string, () => Runner> = {
+  ring: () => (require("./bench-ring/ring") as typeof import("./bench-ring/ring")).runRingBench,
   ioband: () => (require("@virtmesh/ioband") as typeof import("@virtmesh/ioband")).runIobandBench,
   balloon: () => (require("@virtmesh/balloon") as typeof import("@virtmesh/balloon")).runBalloonBench,
   qspinlock: () => (require("@virtmesh/qspinlock") as typeof import("@virtmesh/qspinlock")).runQspinlockBench,
