@@ -22,7 +22,8 @@ let client: guest.GuestServiceClient;
 
 before(async () => {
   const o = stackOptions({ hosts: "src", "state-dir": stateDir }, (l) => lines.push(l));
-  o.env = { VIRTMESH_STATE_DIR: stateDir, VIRTMESH_DISK_BYTES: String(64 << 20) };
+  // The restore lines checked below are info-level; npm test runs services at warn.
+  o.env = { VIRTMESH_STATE_DIR: stateDir, VIRTMESH_DISK_BYTES: String(64 << 20), VIRTMESH_LOG_LEVEL: "info" };
   o.restart = (svc) => svc.name === "vhost-worker" || svc.name === "completion-thread";
   stack = new Stack(o);
   await stack.start();
