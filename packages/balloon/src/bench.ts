@@ -8,10 +8,11 @@
 //   d  release       device punches holes in the guest-memory file
 // Freed memory is read from the file's allocated blocks, before and after.
 
-import { existsSync, closeSync, fstatSync, ftruncateSync, openSync, unlinkSync, writeSync } from "node:fs";
+import { existsSync, unlinkSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type BenchResult, type BenchRow, formatTable, machineInfo } from "@virtmesh/bench";
+import { mapFile, MAX_ARRAY_BUFFER_BYTES } from "@virtmesh/shm";
 import { BuddyAllocator, PAGE_SIZE } from "./buddy";
 import { BalloonDevice, type ReleaseFn } from "./device";
 import { type BalloonTransport, BalloonDriver } from "./driver";
@@ -290,45 +291,23 @@ export function formatBalloonBench(r: BenchResult): string {
 }
 
 async function openGuestRam(path: string, size: number, reservedBytes: number): Promise<GuestRam> {
-  let shm: typeof import("@virtmesh/shm") | null = null;
-  try {
-    shm = await import("@virtmesh/shm");
-  } catch {
-    shm = null;
-  }
-  if (shm && typeof shm.mapFile === "function") {
-    const m = shm.mapFile(path, size, { create: true });
-    const chunk = Math.min(GIB, shm.MAX_ARRAY_BUFFER_BYTES);
-    return {
-      backend: "sparse file mapped MAP_SHARED via @virtmesh/shm; release = fallocate(PUNCH_HOLE)",
-      shared: true,
-      reserved: m.view(0, reservedBytes),
-      touchAll() {
-        // One write per page above the guest kernel's memory: the idle guest has used all its RAM once.
-        for (let off = reservedBytes; off < size; off += chunk) {
-          const v = new Uint8Array(m.view(off, Math.min(chunk, size - off)));
-          for (let i = 0; i < v.length; i += PAGE_SIZE) v[i] = 1;
-        }
-      },
-      allocatedBytes: () => m.allocatedBytes(),
-      release: (offset, length) => m.releaseRange(offset, length),
-      close: () => m.unmap(),
-    };
-  }
-  // Without the addon Node cannot punch holes: memory is touched but never released.
-  const fd = openSync(path, "wx+", 0o600);
-  ftruncateSync(fd, size);
-  const ones = new Uint8Array(MIB).fill(1);
+  // The addon is required: without punch-hole release the bench would measure nothing.
+  const m = mapFile(path, size, { create: true });
+  const chunk = Math.min(GIB, MAX_ARRAY_BUFFER_BYTES);
   return {
-    backend: "plain sparse file via node:fs (@virtmesh/shm unavailable: release is a no-op, freed bytes stay 0)",
-    reserved: new ArrayBuffer(reservedBytes),
-    shared: false,
+    backend: "sparse file mapped MAP_SHARED via @virtmesh/shm; release = fallocate(PUNCH_HOLE)",
+    shared: true,
+    reserved: m.view(0, reservedBytes),
     touchAll() {
-      for (let off = reservedBytes; off < size; off += MIB) writeSync(fd, ones, 0, Math.min(MIB, size - off), off);
+      // One write per page above the guest kernel's memory: the idle guest has used all its RAM once.
+      for (let off = reservedBytes; off < size; off += chunk) {
+        const v = new Uint8Array(m.view(off, Math.min(chunk, size - off)));
+        for (let i = 0; i < v.length; i += PAGE_SIZE) v[i] = 1;
+      }
     },
-    allocatedBytes: () => fstatSync(fd).blocks * 512,
-    release: () => {},
-    close: () => closeSync(fd),
+    allocatedBytes: () => m.allocatedBytes(),
+    release: (offset, length) => m.releaseRange(offset, length),
+    close: () => m.unmap(),
   };
 }
 
