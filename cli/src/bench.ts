@@ -7,7 +7,9 @@ type Runner = (opts: { quick: boolean; onProgress?: (line: string) => void }) =>
 // Loaded lazily: each bench pulls in only its own packages.
 const BENCHES: Record<string, () => Runner> = {
   ring: () => (require("./bench-ring/ring") as typeof import("./bench-ring/ring")).runRingBench,
-  ioband: () => (require("@virtmesh/ioband") as typeof import("@virtmesh/ioband")).runIobandBench,
+  // Three VMs on one ioband device through the live stack (the package's in-process
+  // scheduler-only bench, runIobandBench, stays as a library function).
+  ioband: () => (require("./bench-ioband/ioband") as typeof import("./bench-ioband/ioband")).runIobandLiveBench,
   balloon: () => (require("@virtmesh/balloon") as typeof import("@virtmesh/balloon")).runBalloonBench,
   qspinlock: () => (require("@virtmesh/qspinlock") as typeof import("@virtmesh/qspinlock")).runQspinlockBench,
   "vhost-blk": () => (require("./bench-vhost-blk/vhost-blk") as typeof import("./bench-vhost-blk/vhost-blk")).runVhostBlkBench,

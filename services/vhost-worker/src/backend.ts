@@ -4,6 +4,7 @@
 // benchmarks. Every method takes a per-head callback allocated once at setup.
 import { closeSync, fstatSync, fsync, openSync, read, realpathSync, write, writeSync, constants as fsConstants } from "node:fs";
 import { createHash } from "node:crypto";
+import { ConfigError } from "@virtmesh/config";
 import { VIRTIO_BLK_ID_BYTES } from "@virtmesh/virtio-blk";
 
 export type IoCallback = (err: NodeJS.ErrnoException | null, bytes: number) => void;
@@ -32,15 +33,30 @@ function serialBytes(s: string): Uint8Array {
 const ZEROES = new Uint8Array(1 << 20);
 
 /** A raw image file, opened O_RDWR; FLUSH is fsync (the seed's vfs_fsync). */
+/** VIRTMESH_BLK_CACHE: how file images are opened (QEMU's cache= modes). */
+export type BlkCacheMode = "writeback" | "writethrough";
+export const BLK_CACHE_ENV = "VIRTMESH_BLK_CACHE";
+
+/** writeback (default: the page cache absorbs writes) or writethrough (O_DSYNC). Throws on a bad value. */
+export function blkCacheMode(env: NodeJS.ProcessEnv = process.env): BlkCacheMode {
+  const v = env[BLK_CACHE_ENV] || "writeback";
+  if (v !== "writeback" && v !== "writethrough") throw new ConfigError(`${BLK_CACHE_ENV}=${v} must be writeback or writethrough`);
+  return v;
+}
+
 export class FileBackend implements BlkBackend {
   readonly kind = "file";
   readonly capacityBytes: number;
   readonly serial: Uint8Array;
   private fd: number;
 
-  constructor(readonly path: string) {
-    // Node opens every fd O_CLOEXEC.
-    this.fd = openSync(path, fsConstants.O_RDWR);
+  constructor(
+    readonly path: string,
+    readonly cache: BlkCacheMode = blkCacheMode(),
+  ) {
+    // Node opens every fd O_CLOEXEC. writethrough: QEMU's cache=writethrough, every
+    // write reaches the disk before it completes (O_DSYNC).
+    this.fd = openSync(path, fsConstants.O_RDWR | (cache === "writethrough" ? fsConstants.O_DSYNC : 0));
     try {
       const st = fstatSync(this.fd, { bigint: true });
       if (!st.isFile()) throw new Error(`${path} is not a regular file`);

@@ -57,6 +57,8 @@ import {
   hasFeature,
 } from "@virtmesh/virtio-blk";
 import { FileBackend, MemoryBackend, NullBackend, type BlkBackend } from "./backend";
+import type { IobandBinding } from "./ioband";
+import { conductorFor, IobandSlot, type IobandConductor, type IobandIssuer } from "./iobandpath";
 
 /** A control-plane refusal carrying the errno the vhost ioctl would return. */
 export class VhostError extends Error {
@@ -113,7 +115,7 @@ export interface MemoryInfo {
   memoryBytes: number;
 }
 
-export class VhostBlkDevice {
+export class VhostBlkDevice implements IobandIssuer {
   features = 0n;
   num = 0;
   descAddr = -1;
@@ -165,6 +167,16 @@ export class VhostBlkDevice {
 
   private readonly stats = { requests: 0, kicks: 0, interrupts: 0, errors: 0 };
 
+  // dm-ioband (issue 5): null when no ioband device is configured (the path is unchanged).
+  private iob: IobandBinding | null = null;
+  private conductor: IobandConductor | null = null;
+  private hSlot: IobandSlot[] = [];
+  private hIob = new Uint8Array(0); // 1: submitted to the ioband device, complete() owed
+  /** "queued-block": this device's group is full, popping waits (g_should_block). */
+  private iobandBlocked = false;
+  /** unblock() ran: the loop must drain once, which re-enables notifications (they stayed off while blocked). */
+  private iobandResume = false;
+
   constructor(
     readonly vm: string,
     readonly device: string,
@@ -181,6 +193,18 @@ export class VhostBlkDevice {
   }
   get isRunning(): boolean {
     return this.running;
+  }
+  /** The ioband device this VM device's requests are scheduled on, if any. */
+  get ioband(): IobandBinding | null {
+    return this.iob;
+  }
+
+  /** Set before the queue starts (BLK_SET_BACKEND, restore): null = no scheduling. */
+  private setIoband(b: IobandBinding | null): void {
+    if (this.iob !== null && this.iob !== b) this.conductor!.forget(this);
+    this.iob = b;
+    this.conductor = b === null ? null : conductorFor(b.ioband);
+    this.iobandBlocked = false;
   }
 
   /** VHOST_SET_OWNER: map the VM's guest memory (the ioctl's mm, here the sidecar's file). */
@@ -278,7 +302,7 @@ export class VhostBlkDevice {
    * VHOST_BLK_SET_BACKEND: attach the backend and start serving (vhost_vq_access_ok
    * -> EFAULT if the ring is not set up). Replaces a running backend after draining it.
    */
-  async setBackend(backend: BlkBackend, mode: CompletionMode): Promise<void> {
+  async setBackend(backend: BlkBackend, mode: CompletionMode, ioband?: IobandBinding | null): Promise<void> {
     if (!this.num || this.descAddr < 0) throw new VhostError("EFAULT", "the vring is not set up (SET_VRING_NUM / SET_VRING_ADDR first)");
     if (!this.kick) throw new VhostError("EFAULT", "no kick doorbell (SET_VRING_KICK first)");
     if (mode === "serialized" && !this.call) throw new VhostError("EFAULT", "no call doorbell (SET_VRING_CALL first)");
@@ -286,6 +310,7 @@ export class VhostBlkDevice {
     this.backend?.close();
     this.backend = backend;
     this.mode = mode;
+    if (ioband !== undefined) this.setIoband(ioband);
     this.startQueue(false);
     this.persist();
   }
@@ -330,7 +355,13 @@ export class VhostBlkDevice {
       this.hSector = new Float64Array(n);
       this.hCb = [];
       for (let h = 0; h < n; h++) this.hCb.push((err, bytes) => this.segDone(h, err, bytes));
+      this.hIob = new Uint8Array(n);
+      this.hSlot = [];
+      for (let h = 0; h < n; h++) this.hSlot.push(new IobandSlot(this, h));
     }
+    // A queue restarted after GET_VRING_BASE starts unblocked (its held requests drained in stop()).
+    if (this.iobandBlocked) this.conductor?.forget(this);
+    this.iobandBlocked = this.iobandResume = false;
     const resubmitted = resume ? this.recoverInflight() : 0;
     this.running = true;
     this.loop = this.kickLoop();
@@ -410,7 +441,13 @@ export class VhostBlkDevice {
   }
 
   /** A restarted worker: rebuild the device from its persisted state and resume serving. Returns heads resubmitted. */
-  static restore(st: PersistedDevice, shmDir: string, offered: bigint, onError: (msg: string) => void): { dev: VhostBlkDevice; resubmitted: number } {
+  static restore(
+    st: PersistedDevice,
+    shmDir: string,
+    offered: bigint,
+    onError: (msg: string) => void,
+    ioband: IobandBinding | null = null,
+  ): { dev: VhostBlkDevice; resubmitted: number } {
     const d = new VhostBlkDevice(st.vm, st.device, shmDir, offered, onError);
     try {
       d.attachMemory({ memoryPath: st.memoryPath, memoryBytes: st.memoryBytes });
@@ -424,6 +461,7 @@ export class VhostBlkDevice {
       if (st.logPath) d.setLogBase(st.logPath);
       d.backend = st.backend.kind === "file" ? new FileBackend(st.backend.path) : st.backend.kind === "null" ? new NullBackend(st.backend.capacityBytes, st.vm) : new MemoryBackend(st.backend.capacityBytes, st.vm);
       d.mode = st.mode;
+      d.setIoband(ioband);
       const resubmitted = d.startQueue(true);
       return { dev: d, resubmitted };
     } catch (e) {
@@ -453,8 +491,10 @@ export class VhostBlkDevice {
   /** The worker loop (vhost_blk_handle_guest_kick): pop until empty, then sleep on the kick doorbell. */
   private async kickLoop(): Promise<void> {
     const q = this.q!;
-    const check = (): boolean => !this.running || q.hasPending();
+    // Held by "queued-block": sleep until unblock() rings the kick doorbell.
+    const check = (): boolean => !this.running || (!this.iobandBlocked && (this.iobandResume || q.hasPending()));
     while (this.running) {
+      this.iobandResume = false;
       this.drainAvail(q);
       const kick = this.kick;
       if (!this.running || !kick) break;
@@ -468,7 +508,7 @@ export class VhostBlkDevice {
     const chain = this.chain!;
     q.disableNotifications();
     for (;;) {
-      while (this.running) {
+      while (this.running && !this.iobandBlocked) {
         const r = q.pop(chain);
         if (r === null) break;
         if (r instanceof ChainError) {
@@ -486,7 +526,8 @@ export class VhostBlkDevice {
         ring.markSubmitted(r.head, q.lastAvailIdx);
         this.handleRequest(q, r);
       }
-      if (!this.running) return;
+      // Blocked: notifications stay off, the guest need not kick; unblock() resumes.
+      if (!this.running || this.iobandBlocked) return;
       // vhost_enable_notify: re-check after re-enabling so no kick is lost.
       if (!q.enableNotifications()) return;
       q.disableNotifications();
@@ -544,24 +585,16 @@ export class VhostBlkDevice {
           return this.complete(head, VIRTIO_BLK_S_IOERR);
         }
         this.hWrite[head] = isWrite ? 1 : 0;
-        const nseg = this.hSegs[head]!;
-        this.hOps[head] = nseg;
-        const bytes = this.mem!.bytes;
-        const cb = this.hCb[head]!;
-        let p = pos;
-        for (let i = 0; i < nseg; i++) {
-          const a = this.hSegAddr[head * SEG_MAX + i]!;
-          const l = this.hSegLen[head * SEG_MAX + i]!;
-          if (isWrite) be.write(bytes, a, l, p, cb);
-          else be.read(bytes, a, l, p, cb);
-          p += l;
-        }
-        return;
+        this.hOps[head] = this.hSegs[head]!;
+        if (this.iob !== null) return this.submitIoband(head, dataBytes, false);
+        return this.issue(head);
       }
       case VIRTIO_BLK_T_FLUSH:
         this.hUsedLen[head] = 1;
         this.hOps[head] = 1;
-        return be.flush(this.hCb[head]!);
+        // A flush is urgent for dm-ioband (g_urgent_bios): it never waits behind the throttle.
+        if (this.iob !== null) return this.submitIoband(head, 0, true);
+        return this.issue(head);
       case VIRTIO_BLK_T_GET_ID: {
         // §5.2.6: up to VIRTIO_BLK_ID_BYTES of serial into the data buffer.
         const room = c.writableBytes - 1;
@@ -582,6 +615,63 @@ export class VhostBlkDevice {
         this.hUsedLen[head] = 1;
         return this.complete(head, VIRTIO_BLK_S_UNSUPP);
     }
+  }
+
+  /** Hands a checked IN/OUT/FLUSH request to the backend (hType, segments and hOps are set). */
+  private issue(head: number): void {
+    const be = this.backend!;
+    const cb = this.hCb[head]!;
+    if (this.hType[head] === VIRTIO_BLK_T_FLUSH) return be.flush(cb);
+    const isWrite = this.hWrite[head] === 1;
+    const nseg = this.hSegs[head]!;
+    const bytes = this.mem!.bytes;
+    let p = this.hSector[head]! * SECTOR_SIZE;
+    for (let i = 0; i < nseg; i++) {
+      const a = this.hSegAddr[head * SEG_MAX + i]!;
+      const l = this.hSegLen[head * SEG_MAX + i]!;
+      if (isWrite) be.write(bytes, a, l, p, cb);
+      else be.read(bytes, a, l, p, cb);
+      p += l;
+    }
+  }
+
+  /**
+   * ioband_map(): the request goes to its cgroup's group on the ioband device; it is
+   * issued now ("dispatch", "urgent") or held until the conductor lets it go.
+   */
+  private submitIoband(head: number, bytes: number, urgent: boolean): void {
+    const b = this.iob!;
+    const slot = this.hSlot[head]!;
+    slot.bytes = bytes;
+    slot.cgroupId = b.cgroupId; // read per request: a move (AttachDevice) updates it in place
+    slot.urgent = urgent;
+    this.hIob[head] = 1;
+    const r = b.ioband.submit(slot, b.head);
+    if (r === "dispatch" || r === "urgent") return this.issue(head);
+    if (r === "queued-block") {
+      this.iobandBlocked = true;
+      this.conductor!.block(this);
+    }
+    this.conductor!.pump();
+  }
+
+  /** The conductor lets a held request of this device go. */
+  issueHeld(head: number): void {
+    if (this.backend === null) {
+      // Closed under it (a drain that timed out): nothing to issue to; give the slot back.
+      this.hIob[head] = 0;
+      this.iob?.ioband.complete(this.hSlot[head]!);
+      return;
+    }
+    this.issue(head);
+  }
+
+  /** The group has room again: pop the ring again (the loop sleeps on the kick doorbell). */
+  unblock(): void {
+    if (!this.iobandBlocked) return;
+    this.iobandBlocked = false;
+    this.iobandResume = true;
+    this.kick?.ring();
   }
 
   /** Data ranges of an IN/OUT request, skipping the header (OUT) or the status byte (IN). */
@@ -678,6 +768,12 @@ export class VhostBlkDevice {
       }
     }
     this.inflight--;
+    if (this.hIob[head] === 1) {
+      // ioband_end_io(): the slot is free again, and the completion may let held requests go.
+      this.hIob[head] = 0;
+      this.iob!.ioband.complete(this.hSlot[head]!);
+      this.conductor!.pump();
+    }
     this.checkDrained();
   }
 
@@ -745,6 +841,9 @@ export class VhostBlkDevice {
     }
     this.backend?.close();
     this.backend = null;
+    // The binding stays on the (discarded) device: a completion that arrives after a timed-out
+    // drain still gives its slot back to the share.
+    this.conductor?.forget(this);
     this.kick?.close();
     this.call?.close();
     this.kick = this.call = null;

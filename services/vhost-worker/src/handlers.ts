@@ -9,6 +9,8 @@ import { FileBackend, MemoryBackend, NullBackend, type BlkBackend } from "./back
 import { readdirSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { VhostBlkDevice, VhostError, type MemoryInfo, type PersistedDevice } from "./device";
+import type { IobandBinding } from "./ioband";
+import { IobandHostError, type IobandBinder } from "./iobandpath";
 
 /** VHOST_BLK_VQ_MAX: one request queue per device (the seed). */
 export const VHOST_BLK_VQ_MAX = 1;
@@ -30,6 +32,8 @@ export interface HandlerDeps {
   shmDir: string;
   describeVm(vm: string): Promise<MemoryInfo>;
   warn(msg: string): void;
+  /** dm-ioband (VIRTMESH_IOBAND_BACKEND): absent = requests go straight to the backend. */
+  ioband?: IobandBinder;
 }
 
 export class DeviceTable {
@@ -67,7 +71,34 @@ export class DeviceTable {
   async resetOwner(ref: vhost.DeviceRef): Promise<void> {
     const dev = this.get(ref);
     this.devices.delete(this.key(ref));
+    const bound = dev.ioband !== null;
+    // close() drains held and in-flight requests first: nothing acknowledged is lost.
     await dev.close();
+    if (bound) this.d.ioband?.unbind(ref.vm, ref.device);
+  }
+
+  /**
+   * BLK_SET_BACKEND: the device's ioband binding (made once; a replaced backend keeps
+   * it). `cgroup` is the request's blkio cgroup; "" keeps the one AttachDevice gave the
+   * device, else the root. Undefined: no change; null: no scheduling.
+   */
+  bindIoband(dev: VhostBlkDevice, cgroup: string): { binding: IobandBinding | null | undefined; bound: boolean } {
+    if (!this.d.ioband) {
+      // The seed's control file only exists with dm-ioband loaded.
+      if (cgroup !== "") throw new VhostError("EINVAL", `cgroup ${JSON.stringify(cgroup)} given but no ioband device is configured (VIRTMESH_IOBAND_BACKEND)`);
+      return { binding: undefined, bound: false };
+    }
+    if (dev.ioband !== null) return { binding: undefined, bound: false };
+    try {
+      return { binding: this.d.ioband.bind(dev.vm, dev.device, cgroup === "" ? undefined : cgroup), bound: true };
+    } catch (e) {
+      if (e instanceof IobandHostError) throw new VhostError("EINVAL", e.message);
+      throw e;
+    }
+  }
+
+  unbindIoband(dev: VhostBlkDevice): void {
+    this.d.ioband?.unbind(dev.vm, dev.device);
   }
 
   /**
@@ -85,7 +116,15 @@ export class DeviceTable {
       const path = join(this.d.shmDir, f);
       try {
         const st = JSON.parse(readFileSync(path, "utf8")) as PersistedDevice;
-        const { dev, resubmitted } = VhostBlkDevice.restore(st, this.d.shmDir, VHOST_BLK_FEATURES, this.d.warn);
+        let binding: IobandBinding | null = null;
+        if (this.d.ioband) {
+          try {
+            binding = this.d.ioband.bind(st.vm, st.device, undefined);
+          } catch (e) {
+            this.d.warn(`${st.vm}/${st.device}: no ioband scheduling after the restart: ${(e as Error).message}`);
+          }
+        }
+        const { dev, resubmitted } = VhostBlkDevice.restore(st, this.d.shmDir, VHOST_BLK_FEATURES, this.d.warn, binding);
         this.devices.set(`${st.vm}/${st.device}`, dev);
         log("vhost-blk device restored after a restart", { vm: st.vm, device: st.device, resubmitted, ...dev.recovered });
       } catch (e) {
@@ -101,6 +140,7 @@ export class DeviceTable {
     const all = [...this.devices.values()];
     this.devices.clear();
     await Promise.all(all.map((d) => d.close()));
+    for (const d of all) this.d.ioband?.unbind(d.vm, d.device);
   }
 }
 
@@ -204,10 +244,18 @@ export function vhostBlkService(t: DeviceTable): vhost.VhostBlkServiceServer {
           throw new VhostError("EINVAL", `backend kind ${req.kind} is not FILE, NULL or MEMORY`);
       }
       const mode = req.mode === vhost.CompletionMode.COMPLETION_MODE_SERIALIZED ? "serialized" : "parallel";
+      let io: ReturnType<DeviceTable["bindIoband"]>;
       try {
-        await d.setBackend(be, mode);
+        io = t.bindIoband(d, req.cgroup);
       } catch (e) {
         be.close();
+        throw e;
+      }
+      try {
+        await d.setBackend(be, mode, io.binding);
+      } catch (e) {
+        be.close();
+        if (io.bound) t.unbindIoband(d);
         throw e;
       }
       return empty;

@@ -2,7 +2,10 @@
 import { status as Status } from "@grpc/grpc-js";
 import { vhost, sidecar } from "@virtmesh/proto";
 import { GrpcError, runService } from "@virtmesh/runtime";
+import { blkCacheMode } from "./backend";
 import { DeviceTable, vhostBlkService } from "./handlers";
+import { registerIoband } from "./ioband";
+import { iobandBinder } from "./iobandpath";
 import { callUnary } from "./rpc";
 
 void runService({
@@ -10,6 +13,9 @@ void runService({
   hostScoped: true,
   setup(ctx) {
     ctx.meta.shmDir = ctx.config.shmDir;
+    blkCacheMode(); // a bad VIRTMESH_BLK_CACHE stops the worker with one line
+    // issue 5: IobandService, and the IobandHost the data path schedules requests on.
+    const iobandHost = registerIoband(ctx);
     const table = new DeviceTable({
       shmDir: ctx.config.shmDir,
       async describeVm(vm) {
@@ -20,8 +26,8 @@ void runService({
         return { memoryPath: layout.memoryPath, memoryBytes: layout.memoryBytes };
       },
       warn: (msg) => ctx.logger.warn(msg),
+      ioband: iobandBinder(iobandHost),
     });
-    (require("./ioband") as typeof import("./ioband")).registerIoband(ctx); // issue 5: IobandService (temporary line from the ioband engineer; keep the returned IobandHost for the data path)
     table.restoreAll((msg, fields) => ctx.logger.info(fields, msg));
     ctx.addService("virtmesh.vhost.v1.VhostBlkService", vhost.VhostBlkServiceService, vhostBlkService(table));
     return {
