@@ -13,3 +13,4 @@ export {
 } from "./driver";
 export { BalloonRefusedError, LoopbackTransport } from "./loopback";
 export { SEED_003_REFERENCE, formatBalloonBench, runBalloonBench, runBalloonBenchWith, type BalloonBenchOptions, type BalloonBenchParams } from "./bench";
+export * from "./config-page";
