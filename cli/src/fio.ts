@@ -9,36 +9,9 @@ import { resolve } from "node:path";
 import { guest } from "@virtmesh/proto";
 import { defaultStateDir, pidAlive, readState } from "./state";
 import { CliError, UsageError } from "./errors";
+import type { Values } from "./main";
 
-export interface FioValues {
-  rw?: string;
-  bs?: string;
-  iodepth?: string;
-  numjobs?: string;
-  size?: string;
-  runtime?: string;
-  verify?: string;
-  rwmixread?: string;
-  json?: string | boolean;
-  vm?: string;
-  "state-dir"?: string;
-}
-
-/** The parseArgs options `virtmesh fio` needs (merge into cli/src/main.ts OPTIONS; --json boolean). */
-export const FIO_OPTIONS = {
-  rw: { type: "string" },
-  bs: { type: "string" },
-  iodepth: { type: "string" },
-  numjobs: { type: "string" },
-  size: { type: "string" },
-  runtime: { type: "string" },
-  verify: { type: "string" },
-  rwmixread: { type: "string" },
-  json: { type: "boolean" },
-  vm: { type: "string" },
-  "state-dir": { type: "string" },
-} as const;
-
+export type FioValues = Pick<Values, "rw" | "bs" | "iodepth" | "numjobs" | "size" | "runtime" | "verify" | "rwmixread" | "json" | "vm" | "state-dir">;
 
 const UNITS: Record<string, number> = { "": 1, b: 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 };
 

@@ -132,7 +132,7 @@ async function main(argv: string[]): Promise<number> {
     case "down":
       return (require("./commands") as typeof import("./commands")).down(parsed.values, parsed.positionals);
     case "fio":
-      return (require("./fio") as typeof import("./fio")).fio(parsed.values as import("./fio").FioValues, parsed.positionals);
+      return (require("./fio") as typeof import("./fio")).fio(parsed.values, parsed.positionals);
     case "balloon":
       return (require("./balloon") as typeof import("./balloon")).balloon(parsed.values, parsed.positionals);
     case "ioband":
