@@ -38,16 +38,20 @@ function isRecordOfStrings(v: unknown): v is Record<string, string> {
   return typeof v === "object" && v !== null && Object.values(v).every((x) => typeof x === "string");
 }
 
-/** Parses and checks a registry value: it crossed a boundary and may be anything. */
-export function parseServiceEntry(raw: Uint8Array): ServiceEntry | undefined {
-  let v: unknown;
+/** A JSON object from a registry value, or undefined for anything else. */
+function parseObject(raw: Uint8Array): Record<string, unknown> | undefined {
   try {
-    v = JSON.parse(dec.decode(raw));
+    const v: unknown = JSON.parse(dec.decode(raw));
+    return typeof v === "object" && v !== null && !Array.isArray(v) ? (v as Record<string, unknown>) : undefined;
   } catch {
     return undefined;
   }
-  if (typeof v !== "object" || v === null) return undefined;
-  const o = v as Record<string, unknown>;
+}
+
+/** Parses and checks a registry value: it crossed a boundary and may be anything. */
+export function parseServiceEntry(raw: Uint8Array): ServiceEntry | undefined {
+  const o = parseObject(raw);
+  if (!o) return undefined;
   if (typeof o.service !== "string" || !NAME_RE.test(o.service)) return undefined;
   if (typeof o.host !== "string" || !NAME_RE.test(o.host)) return undefined;
   if (typeof o.grpc !== "string" || !/^[^\s:]+:\d{1,5}$/.test(o.grpc)) return undefined;
@@ -63,14 +67,8 @@ export function parseServiceEntry(raw: Uint8Array): ServiceEntry | undefined {
 }
 
 export function parseVmPlacement(raw: Uint8Array): VmPlacement | undefined {
-  let v: unknown;
-  try {
-    v = JSON.parse(dec.decode(raw));
-  } catch {
-    return undefined;
-  }
-  if (typeof v !== "object" || v === null) return undefined;
-  const o = v as Record<string, unknown>;
+  const o = parseObject(raw);
+  if (!o) return undefined;
   if (typeof o.vm !== "string" || !NAME_RE.test(o.vm)) return undefined;
   if (typeof o.host !== "string" || !NAME_RE.test(o.host)) return undefined;
   return { vm: o.vm, host: o.host, state: typeof o.state === "string" ? o.state : "", updatedAt: typeof o.updatedAt === "string" ? o.updatedAt : "" };

@@ -21,12 +21,23 @@ function attrs(subject: string, op: string, size: number) {
   };
 }
 
+/** A PRODUCER span for a message to `subject`, and headers carrying its context. */
+function producerSpan(subject: string, size: number): { span: Span; h: MsgHdrs } {
+  const span = tracer().startSpan(`send ${subject}`, { kind: SpanKind.PRODUCER, attributes: attrs(subject, "send", size) });
+  const h = natsHeaders();
+  propagation.inject(trace.setSpan(context.active(), span), h, setter);
+  return { span, h };
+}
+
+function failSpan(span: Span, e: unknown): void {
+  span.recordException(e as Error);
+  span.setStatus({ code: SpanStatusCode.ERROR, message: (e as Error).message });
+}
+
 /** Publishes with a PRODUCER span and the trace context in the headers. */
 export function tracedPublish(nc: NatsConnection, subject: string, data: Uint8Array | string): void {
   const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
-  const span = tracer().startSpan(`send ${subject}`, { kind: SpanKind.PRODUCER, attributes: attrs(subject, "send", bytes.length) });
-  const h = natsHeaders();
-  propagation.inject(trace.setSpan(context.active(), span), h, setter);
+  const { span, h } = producerSpan(subject, bytes.length);
   try {
     nc.publish(subject, bytes, { headers: h });
   } finally {
@@ -41,14 +52,11 @@ export async function tracedRequest(
   data: Uint8Array,
   opts: Partial<RequestOptions> = {},
 ): Promise<Msg> {
-  const span = tracer().startSpan(`send ${subject}`, { kind: SpanKind.PRODUCER, attributes: attrs(subject, "send", data.length) });
-  const h = natsHeaders();
-  propagation.inject(trace.setSpan(context.active(), span), h, setter);
+  const { span, h } = producerSpan(subject, data.length);
   try {
     return await nc.request(subject, data, { timeout: 5000, ...opts, headers: h });
   } catch (e) {
-    span.recordException(e as Error);
-    span.setStatus({ code: SpanStatusCode.ERROR, message: (e as Error).message });
+    failSpan(span, e);
     throw e;
   } finally {
     span.end();
@@ -74,8 +82,7 @@ export async function withConsumerSpan<T>(msg: Msg, fn: (span: Span) => Promise<
   try {
     return await context.with(trace.setSpan(parent, span), () => fn(span));
   } catch (e) {
-    span.recordException(e as Error);
-    span.setStatus({ code: SpanStatusCode.ERROR, message: (e as Error).message });
+    failSpan(span, e);
     throw e;
   } finally {
     span.end();
