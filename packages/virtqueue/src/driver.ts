@@ -3,9 +3,13 @@
 // mock driver. It writes through `memory.vcpu`, so its writes are vCPU writes
 // for the dirty log.
 //
-// The driver's own bookkeeping (free list, chain lengths, outstanding heads)
-// lives in private arrays, never re-read from shared memory, so a misbehaving
-// device cannot corrupt it (Linux keeps desc_extra/desc_state the same way).
+// The driver's own bookkeeping (free list, chain lengths, outstanding heads,
+// its shadow indexes) lives in a state block outside guest memory, never read
+// back from the rings, so a misbehaving device cannot corrupt it (Linux keeps
+// desc_extra/desc_state the same way). The block is private by default; given a
+// SharedArrayBuffer, several DriverQueue objects (one per vCPU thread) drive the
+// same queue, as a guest's vCPUs share one struct vring_virtqueue, and like
+// them they must serialize their calls with a lock (virtio_blk's vq->lock).
 
 import * as C from "./constants";
 import type { QueueConfig } from "./device";
@@ -45,6 +49,32 @@ export interface DriverQueueOptions {
   indirectArea?: { addr: number; maxIndirect: number };
   /** Zero the three ring parts first (a fresh queue; §2.7.10.1: used flags start at 0). Default true. */
   initRings?: boolean;
+  /**
+   * Keep the driver state in this shared block (driverStateBytes(size) bytes at
+   * byteOffset, 8-byte aligned) so other threads can attach to the same queue.
+   * attach: false lays the block out (and the rings, per initRings); true joins
+   * a queue another DriverQueue laid out, touching neither.
+   */
+  sharedState?: { buffer: SharedArrayBuffer; byteOffset: number; attach: boolean };
+}
+
+// Driver state block: scalar words, then the per-descriptor arrays.
+const ST_MAGIC = 0;
+const ST_SIZE = 1;
+const ST_FREE_HEAD = 2;
+const ST_FREE = 3;
+const ST_AVAIL_SHADOW = 4;
+const ST_NUM_ADDED = 5;
+const ST_LAST_USED = 6;
+const ST_CALLBACKS_ON = 7;
+const ST_BROKEN = 8;
+const ST_WORDS = 16;
+const STATE_MAGIC = 0x76716472; // "vqdr"
+const align8 = (n: number): number => (n + 7) & ~7;
+
+/** Bytes of the driver state block for a queue of `size` (DriverQueueOptions.sharedState). */
+export function driverStateBytes(size: number): number {
+  return ST_WORDS * 4 + align8(2 * size) * 2 + 8 * size;
 }
 
 /** Bytes needed for DriverQueueOptions.indirectArea. */
@@ -78,15 +108,11 @@ export class DriverQueue {
   private readonly indirectAddr: number;
   private readonly maxIndirect: number;
 
-  private freeHead = 0;
-  private free: number;
+  /** Scalar state: free head and count, shadow avail idx, adds since the last kick check, last used idx, callbacks on, broken. */
+  private readonly st: Int32Array;
   private readonly nextFree: Uint16Array; // private free-list links
   private readonly chainDescs: Uint16Array; // main-table descriptors per outstanding head (0 = not outstanding)
   private readonly chainWritable: Float64Array; // writable bytes offered per head, to check used len
-  private availShadow = 0;
-  private numAdded = 0;
-  private lastUsed = 0;
-  private callbacksOn = true;
   private broken: DeviceProtocolError | null = null;
   private readonly scratch: UsedElement = { id: 0, len: 0 };
 
@@ -124,34 +150,68 @@ export class DriverQueue {
       this.maxIndirect = 0;
     }
 
-    this.nextFree = new Uint16Array(cfg.size);
-    for (let i = 0; i < cfg.size; i++) this.nextFree[i] = i + 1 < cfg.size ? i + 1 : NONE;
-    this.free = cfg.size;
-    this.chainDescs = new Uint16Array(cfg.size);
-    this.chainWritable = new Float64Array(cfg.size);
+    const n = cfg.size;
+    const shared = opts.sharedState;
+    const bytes = driverStateBytes(n);
+    let buf: ArrayBufferLike;
+    let off = 0;
+    if (shared) {
+      if (!Number.isInteger(shared.byteOffset) || shared.byteOffset < 0 || shared.byteOffset % 8 !== 0 || shared.byteOffset + bytes > shared.buffer.byteLength) {
+        throw new RangeError(`sharedState: ${bytes} bytes at offset ${shared.byteOffset} (8-byte aligned) do not fit the ${shared.buffer.byteLength}-byte buffer`);
+      }
+      buf = shared.buffer;
+      off = shared.byteOffset;
+    } else buf = new ArrayBuffer(bytes);
+    this.st = new Int32Array(buf, off, ST_WORDS);
+    this.nextFree = new Uint16Array(buf, off + ST_WORDS * 4, n);
+    this.chainDescs = new Uint16Array(buf, off + ST_WORDS * 4 + align8(2 * n), n);
+    this.chainWritable = new Float64Array(buf, off + ST_WORDS * 4 + 2 * align8(2 * n), n);
 
-    if (opts.initRings ?? true) {
-      this.mem.fill(cfg.descAddr, descTableBytes(cfg.size), 0);
-      this.mem.fill(cfg.availAddr, availRingBytes(cfg.size), 0);
-      this.mem.fill(cfg.usedAddr, usedRingBytes(cfg.size), 0);
-    } else {
-      this.availShadow = this.mem.loadU16Atomic(this.availIdxAddr);
-      this.lastUsed = this.mem.loadU16Atomic(this.usedIdxAddr);
+    if (shared?.attach) {
+      if (Atomics.load(this.st, ST_MAGIC) !== STATE_MAGIC || this.st[ST_SIZE] !== n) {
+        throw new RangeError(`sharedState: no driver state for a queue of size ${n} at offset ${off} (lay it out with attach: false first)`);
+      }
+      return;
     }
+    for (let i = 0; i < n; i++) {
+      this.nextFree[i] = i + 1 < n ? i + 1 : NONE;
+      this.chainDescs[i] = 0;
+      this.chainWritable[i] = 0;
+    }
+    const st = this.st;
+    st.fill(0);
+    st[ST_SIZE] = n;
+    st[ST_FREE] = n;
+    st[ST_CALLBACKS_ON] = 1;
+    if (opts.initRings ?? true) {
+      this.mem.fill(cfg.descAddr, descTableBytes(n), 0);
+      this.mem.fill(cfg.availAddr, availRingBytes(n), 0);
+      this.mem.fill(cfg.usedAddr, usedRingBytes(n), 0);
+    } else {
+      st[ST_AVAIL_SHADOW] = this.mem.loadU16Atomic(this.availIdxAddr);
+      st[ST_LAST_USED] = this.mem.loadU16Atomic(this.usedIdxAddr);
+    }
+    // Seq-cst store last: a thread that attaches after seeing the magic sees the rest.
+    Atomics.store(st, ST_MAGIC, STATE_MAGIC);
   }
 
   /** Free descriptors in the main table. */
   get numFree(): number {
-    return this.free;
+    return this.st[ST_FREE]!;
   }
 
   /** Chains added and not yet taken back from the used ring. */
   get outstanding(): number {
-    return (this.availShadow - this.lastUsed) & 0xffff;
+    return (this.st[ST_AVAIL_SHADOW]! - this.st[ST_LAST_USED]!) & 0xffff;
   }
 
-  /** The device protocol violation that stopped this queue, or null. */
+  /** The device protocol violation that stopped this queue (seen by any thread sharing it), or null. */
   get brokenReason(): DeviceProtocolError | null {
+    return this.checkBroken();
+  }
+
+  private checkBroken(): DeviceProtocolError | null {
+    if (this.broken === null && this.st[ST_BROKEN] !== 0) this.broken = new DeviceProtocolError("the device broke the used ring protocol (seen by another thread driving this queue)");
     return this.broken;
   }
 
@@ -167,7 +227,8 @@ export class DriverQueue {
    *   and it fits).
    */
   add(readable: readonly BufferSegment[], writable: readonly BufferSegment[], useIndirect?: boolean): number {
-    if (this.broken) throw this.broken;
+    const st = this.st;
+    if (st[ST_BROKEN] !== 0) throw this.checkBroken()!;
     const total = readable.length + writable.length;
     if (total === 0) throw new RangeError("add: a buffer needs at least one segment");
     if (total > this.size) throw new RangeError(`add: ${total} segments exceed Queue Size ${this.size} (§2.7.5.3.1)`);
@@ -186,9 +247,9 @@ export class DriverQueue {
       throw new RangeError(`add: indirect not available for ${total} segments (negotiated: ${this.indirect}, table size ${this.maxIndirect})`);
     }
     const needed = indirect ? 1 : total;
-    if (this.free < needed) return -1;
+    if (st[ST_FREE]! < needed) return -1;
 
-    const head = this.freeHead;
+    const head = st[ST_FREE_HEAD]!;
     if (indirect) {
       const table = this.indirectAddr + head * this.maxIndirect * DESC_SIZE;
       for (let i = 0; i < total; i++) {
@@ -197,7 +258,7 @@ export class DriverQueue {
         const last = i === total - 1;
         this.writeDesc(table + i * DESC_SIZE, s.addr, s.len, (w ? VIRTQ_DESC_F_WRITE : 0) | (last ? 0 : VIRTQ_DESC_F_NEXT), last ? 0 : i + 1);
       }
-      this.freeHead = this.nextFree[head]!;
+      st[ST_FREE_HEAD] = this.nextFree[head]!;
       this.writeDesc(this.descAddr + head * DESC_SIZE, table, total * DESC_SIZE, VIRTQ_DESC_F_INDIRECT, 0);
     } else {
       let idx = head;
@@ -209,21 +270,23 @@ export class DriverQueue {
         this.writeDesc(this.descAddr + idx * DESC_SIZE, s.addr, s.len, (w ? VIRTQ_DESC_F_WRITE : 0) | (last ? 0 : VIRTQ_DESC_F_NEXT), last ? 0 : nxt);
         if (!last) idx = nxt;
       }
-      this.freeHead = this.nextFree[idx]!;
+      st[ST_FREE_HEAD] = this.nextFree[idx]!;
     }
-    this.free -= needed;
+    st[ST_FREE] = st[ST_FREE]! - needed;
     this.chainDescs[head] = needed;
     this.chainWritable[head] = writableBytes;
 
     // §2.7.13.2: place the head in the next avail ring slot...
-    this.mem.writeU16(this.availRingAddr + 2 * (this.availShadow & this.mask), head);
-    this.availShadow = (this.availShadow + 1) & 0xffff;
-    this.numAdded++;
+    const avail = st[ST_AVAIL_SHADOW]!;
+    this.mem.writeU16(this.availRingAddr + 2 * (avail & this.mask), head);
+    const newAvail = (avail + 1) & 0xffff;
+    st[ST_AVAIL_SHADOW] = newAvail;
+    st[ST_NUM_ADDED] = st[ST_NUM_ADDED]! + 1;
     // ...§2.7.13.3.1: then publish idx after a barrier. Atomics.store is
     // sequentially consistent: every plain write above (descriptors, ring
     // entry) happens-before it, so a device that Atomics.load()s the new idx
     // sees them (the virtio_wmb + store of virtio_ring.c).
-    this.mem.storeU16Atomic(this.availIdxAddr, this.availShadow);
+    this.mem.storeU16Atomic(this.availIdxAddr, newAvail);
     return head;
   }
 
@@ -248,13 +311,14 @@ export class DriverQueue {
    * so the seq-cst load of avail_event/flags below cannot move before it.
    */
   kickPrepare(): boolean {
-    const added = this.numAdded;
+    const st = this.st;
+    const added = st[ST_NUM_ADDED]!;
     if (added === 0) return false;
-    this.numAdded = 0;
+    st[ST_NUM_ADDED] = 0;
     // 65536 or more adds without a check: the 16-bit window is ambiguous, kick.
     if (added > 0xffff) return true;
     if (this.eventIdx) {
-      const newIdx = this.availShadow;
+      const newIdx = st[ST_AVAIL_SHADOW]!;
       const oldIdx = (newIdx - added) & 0xffff;
       // §2.7.10.1 with EVENT_IDX: notify iff avail->idx crossed avail_event.
       return vringNeedEvent(this.mem.loadU16Atomic(this.availEventAddr), newIdx, oldIdx);
@@ -265,7 +329,7 @@ export class DriverQueue {
 
   /** True if the device has returned buffers not yet taken with popUsed(). */
   hasUsed(): boolean {
-    return this.mem.loadU16Atomic(this.usedIdxAddr) !== this.lastUsed;
+    return this.mem.loadU16Atomic(this.usedIdxAddr) !== Atomics.load(this.st, ST_LAST_USED);
   }
 
   /**
@@ -276,24 +340,27 @@ export class DriverQueue {
    * writable bytes offered, or moved used->idx too far.
    */
   popUsed(out: UsedElement = this.scratch): UsedElement | null {
-    if (this.broken) throw this.broken;
+    const st = this.st;
+    if (st[ST_BROKEN] !== 0) throw this.checkBroken()!;
     const usedIdx = this.mem.loadU16Atomic(this.usedIdxAddr);
-    if (usedIdx === this.lastUsed) return null;
+    const lastUsed = st[ST_LAST_USED]!;
+    if (usedIdx === lastUsed) return null;
     // The seq-cst load of used->idx above orders the element reads below after
     // it (virtio_rmb); the device stored id/len before idx (§2.7.8.2).
-    if (((usedIdx - this.lastUsed) & 0xffff) > this.outstanding) {
-      return this.fail(`used->idx moved from ${this.lastUsed} to ${usedIdx} with only ${this.outstanding} buffers outstanding`);
+    if (((usedIdx - lastUsed) & 0xffff) > this.outstanding) {
+      return this.fail(`used->idx moved from ${lastUsed} to ${usedIdx} with only ${this.outstanding} buffers outstanding`);
     }
-    const e = this.usedRingAddr + 8 * (this.lastUsed & this.mask);
+    const e = this.usedRingAddr + 8 * (lastUsed & this.mask);
     const id = this.mem.readU32(e);
     const len = this.mem.readU32(e + 4);
     if (id >= this.size || this.chainDescs[id] === 0) return this.fail(`used id ${id} is not an outstanding head`);
     if (len > this.chainWritable[id]!) return this.fail(`used len ${len} for head ${id} exceeds the ${this.chainWritable[id]} writable bytes offered`);
     this.freeChain(id);
-    this.lastUsed = (this.lastUsed + 1) & 0xffff;
-    if (this.eventIdx && this.callbacksOn) {
+    const next = (lastUsed + 1) & 0xffff;
+    Atomics.store(st, ST_LAST_USED, next);
+    if (this.eventIdx && st[ST_CALLBACKS_ON] !== 0) {
       // Ask for an interrupt for the very next used entry (virtqueue_get_buf_ctx_split).
-      this.mem.storeU16Atomic(this.usedEventAddr, this.lastUsed);
+      this.mem.storeU16Atomic(this.usedEventAddr, next);
     }
     out.id = id;
     out.len = len;
@@ -302,6 +369,7 @@ export class DriverQueue {
 
   private fail(msg: string): never {
     this.broken = new DeviceProtocolError(msg);
+    Atomics.store(this.st, ST_BROKEN, 1);
     throw this.broken;
   }
 
@@ -311,9 +379,10 @@ export class DriverQueue {
     // Walk our private links, not the descriptor table the device could have scribbled on.
     let idx = head;
     for (let i = 1; i < n; i++) idx = this.nextFree[idx]!;
-    this.nextFree[idx] = this.freeHead;
-    this.freeHead = head;
-    this.free += n;
+    const st = this.st;
+    this.nextFree[idx] = st[ST_FREE_HEAD]!;
+    st[ST_FREE_HEAD] = head;
+    st[ST_FREE] = st[ST_FREE]! + n;
   }
 
   /**
@@ -321,8 +390,8 @@ export class DriverQueue {
    * used buffers are already pending: poll them instead of waiting (§2.7.14 note).
    */
   enableCallbacks(): boolean {
-    this.callbacksOn = true;
-    if (this.eventIdx) this.mem.storeU16Atomic(this.usedEventAddr, this.lastUsed);
+    this.st[ST_CALLBACKS_ON] = 1;
+    if (this.eventIdx) this.mem.storeU16Atomic(this.usedEventAddr, this.st[ST_LAST_USED]!);
     else this.mem.storeU16Atomic(this.availAddr, 0);
     // Seq-cst store, then seq-cst load: the mb() of the §2.7.14 example.
     return this.hasUsed();
@@ -330,12 +399,12 @@ export class DriverQueue {
 
   /** Suppresses used buffer notifications while polling (virtqueue_disable_cb). */
   disableCallbacks(): void {
-    this.callbacksOn = false;
+    this.st[ST_CALLBACKS_ON] = 0;
     if (this.eventIdx) {
       // §2.7.7.1: with EVENT_IDX flags MUST stay 0. Park used_event half the
       // index space ahead: the device cannot get there while at most Queue
       // Size (<= 32768) buffers are outstanding.
-      this.mem.storeU16Atomic(this.usedEventAddr, (this.lastUsed + 0x8000) & 0xffff);
+      this.mem.storeU16Atomic(this.usedEventAddr, (this.st[ST_LAST_USED]! + 0x8000) & 0xffff);
     } else {
       this.mem.storeU16Atomic(this.availAddr, VIRTQ_AVAIL_F_NO_INTERRUPT);
     }
