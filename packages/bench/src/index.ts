@@ -54,6 +54,14 @@ export class LatencyHistogram {
   reset(): void {
     this.h.reset();
   }
+  /** The recorded values, compressed, to hand to another thread or process (see merge). */
+  encode(): string {
+    return hdr.encodeIntoCompressedBase64(this.h);
+  }
+  /** Adds the values of an encode()d histogram (e.g. one per worker thread) to this one. */
+  merge(encoded: string): void {
+    this.h.add(hdr.decodeFromCompressedBase64(encoded));
+  }
 }
 
 /** Formats rows as an aligned text table for the terminal. */

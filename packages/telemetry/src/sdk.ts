@@ -9,13 +9,52 @@
 // This composes the Node SDK's parts (sdk-trace-node, the OTLP exporter, the W3C
 // propagator) rather than @opentelemetry/sdk-node, whose loading of every exporter costs
 // about a second of CPU per process, and a host runs a dozen processes.
-import { NodeTracerProvider, BatchSpanProcessor, NoopSpanProcessor, type SpanProcessor } from "@opentelemetry/sdk-trace-node";
+import { trace, type Context, type Span, type SpanOptions } from "@opentelemetry/api";
+import { NodeTracerProvider, BatchSpanProcessor, NoopSpanProcessor, RandomIdGenerator, type IdGenerator, type SpanProcessor } from "@opentelemetry/sdk-trace-node";
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
 import { GrpcInstrumentation } from "@opentelemetry/instrumentation-grpc";
 import { registerInstrumentations } from "@opentelemetry/instrumentation";
 import { detectResources, envDetector, resourceFromAttributes } from "@opentelemetry/resources";
 
 let provider: NodeTracerProvider | undefined;
+
+/**
+ * Random ids, except that the next span id can be given: a span begun in a
+ * thread without a tracer (a guest vCPU worker) has already handed its id on as
+ * the parent of host spans, and is recorded here afterwards under that id.
+ */
+class PresetIdGenerator implements IdGenerator {
+  private readonly random = new RandomIdGenerator();
+  nextSpanId: string | null = null;
+  generateTraceId(): string {
+    return this.random.generateTraceId();
+  }
+  generateSpanId(): string {
+    const id = this.nextSpanId;
+    if (id !== null) {
+      this.nextSpanId = null;
+      return id;
+    }
+    return this.random.generateSpanId();
+  }
+}
+const ids = new PresetIdGenerator();
+const SPAN_ID_RE = /^(?!0{16})[0-9a-f]{16}$/;
+
+/**
+ * Starts a span with a span id chosen elsewhere (16 lower-case hex digits, not
+ * all zero). Give startTime in options to record a span that already happened.
+ * Without startTelemetry() the span is the API's no-op span.
+ */
+export function startSpanWithId(spanId: string, name: string, options: SpanOptions, parent: Context): Span {
+  if (!SPAN_ID_RE.test(spanId)) throw new RangeError(`span id ${JSON.stringify(spanId)} is not 16 lower-case hex digits`);
+  ids.nextSpanId = spanId;
+  try {
+    return trace.getTracer("virtmesh").startSpan(name, options, parent);
+  } finally {
+    ids.nextSpanId = null;
+  }
+}
 let unregister: (() => void) | undefined;
 
 export interface TelemetryOptions {
@@ -41,7 +80,7 @@ export function startTelemetry(opts: TelemetryOptions = {}): void {
       ...opts.attributes,
     }),
   );
-  provider = new NodeTracerProvider({ resource, spanProcessors: [processor] });
+  provider = new NodeTracerProvider({ resource, spanProcessors: [processor], idGenerator: ids });
   // Registers the provider, AsyncLocalStorage context and the W3C trace-context propagator.
   provider.register();
   unregister = registerInstrumentations({ tracerProvider: provider, instrumentations: [new GrpcInstrumentation()] });
