@@ -38,6 +38,10 @@ interface Cell {
   ms: number;
   ok: boolean;
   truncated: boolean;
+  /** Projected from the steady-state rate (see merge). */
+  steady: boolean;
+  /** Share of all rounds done before every vCPU had its first turn. */
+  startupPct: number;
   stats: LockStats;
 }
 
@@ -72,15 +76,27 @@ export async function runQspinlockBench(opts: QspinlockBenchOptions): Promise<Be
     if (r.truncated) truncatedCells++;
     return r;
   };
-  /** Several runs of one configuration as one cell: ms for opsPerTask rounds per vCPU at the combined rate. */
+  /**
+   * Several runs of one configuration as one cell: ms for opsPerTask rounds
+   * per vCPU at the combined rate. Runs that all finished report their total
+   * elapsed time. If the budget cut any run, the cell is projected from the
+   * steady-state rate (rounds after every vCPU had its first turn, over the
+   * time from then to the end): the vCPU threads that get a host core first
+   * run with fewer contenders until the rest are scheduled, and on an
+   * overcommitted host that start-up burst (tens of ms, up to thousands of
+   * nearly uncontended rounds) would otherwise dominate a one-second run.
+   */
   const merge = (vcpus: number, rs: LockWorkloadResult[]): Cell => {
-    const ops = rs.reduce((a, r) => a + r.ops, 0);
-    const elapsed = rs.reduce((a, r) => a + r.elapsedMs, 0);
     const ok = rs.every((r) => r.ok);
+    const truncated = rs.some((r) => r.truncated);
+    const steady = truncated && rs.every((r) => r.steadyOps > 0 && r.steadyMs > 0);
+    const ops = rs.reduce((a, r) => a + (steady ? r.steadyOps : r.ops), 0);
+    const elapsed = rs.reduce((a, r) => a + (steady ? r.steadyMs : r.elapsedMs), 0);
     const stats = { ...rs[0]!.stats };
     for (const r of rs.slice(1)) for (const k of Object.keys(stats) as Array<keyof typeof stats>) stats[k] += r.stats[k];
     const ms = ok && ops > 0 ? (elapsed * opsPerTask * vcpus) / ops : NaN;
-    return { ms, ok, truncated: rs.some((r) => r.truncated), stats };
+    const startupOps = rs.reduce((a, r) => a + (r.ops - r.steadyOps), 0);
+    return { ms, ok, truncated, steady, startupPct: (100 * startupOps) / Math.max(1, rs.reduce((a, r) => a + r.ops, 0)), stats };
   };
   /**
    * PV off and PV on in A-B-B-A order (half the budget each) so that a drift
@@ -136,6 +152,9 @@ export async function runQspinlockBench(opts: QspinlockBenchOptions): Promise<Be
       queue_pv_kick_nohalt: qs.kickNohalt,
       queue_pv_kicks: qs.kickCpu,
       cells_projected: all.filter((c) => c.truncated).length,
+      cells_projected_without_steady_state: all.filter((c) => c.truncated && !c.steady).length,
+      queue_pv_off_startup_ops_pct: round(qOff.startupPct),
+      queue_pv_on_startup_ops_pct: round(qOn.startupPct),
       ok: all.every((c) => c.ok),
     });
     return row;
@@ -201,7 +220,8 @@ export async function runQspinlockBench(opts: QspinlockBenchOptions): Promise<Be
       host_cores: hostCores,
       overcommit_factors: factors,
       critical_section: "shared counter read-modify-write (plain, non-atomic)",
-      projection: "a cell cut by its time budget reports elapsed * (ops_per_task * tasks) / ops_done",
+      projection:
+        "a cell cut by its time budget reports steady_ms * (ops_per_task * tasks) / steady_ops, where steady_* count from the moment every vCPU of the run had acquired the lock once to the end of the run (the start-up rounds, done while some vCPU threads still waited for a host core, are left out); cells that never reached that state fall back to elapsed * (ops_per_task * tasks) / ops_done",
       order: "per lock: PV off, PV on, PV on, PV off (half the budget each; repeated while the runs finish early), merged per mode",
       wall_s: 0,
       host_loadavg_1m_before: Math.round(loadBefore * 100) / 100,

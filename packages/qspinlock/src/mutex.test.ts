@@ -45,6 +45,23 @@ describe("mutual exclusion under heavy contention", () => {
     });
   }
 
+  it("reports the steady state: rounds after every vCPU had its first turn, to the end of the run", async () => {
+    for (const pv of [false, true]) {
+      const r = await runLockWorkload({ pool, lock: "queue", pv, vcpus: VCPUS, iterations: 50_000, budgetMs: 300, timeoutMs: 20_000 });
+      assert.equal(r.error, null);
+      if (!r.acquiredPerVcpu.every((n) => n > 0)) {
+        // A vCPU thread that got no host core before the budget ran out never contended.
+        assert.equal(r.steadyOps, 0);
+        assert.equal(r.steadyMs, 0);
+        continue;
+      }
+      assert.ok(r.steadyMs > 0 && r.steadyMs <= r.elapsedMs + 1, `steady ${r.steadyMs} ms of ${r.elapsedMs}`);
+      assert.ok(r.steadyOps >= 0 && r.steadyOps <= r.ops, `steady ops ${r.steadyOps} of ${r.ops}`);
+      // The first turns of all vCPUs but the last fall before the steady state.
+      assert.ok(r.ops - r.steadyOps >= VCPUS, `${r.ops - r.steadyOps} start-up rounds`);
+    }
+  });
+
   it("every vCPU runs all its rounds when there is no budget (2 vCPUs per core)", async () => {
     for (const lock of ["ticket", "queue"] as const) {
       const r = await runLockWorkload({ pool, lock, pv: true, vcpus: 2 * availableParallelism(), iterations: 300, timeoutMs: 20_000 });

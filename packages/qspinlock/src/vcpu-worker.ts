@@ -12,6 +12,7 @@ const { CTL } = Protocol;
 
 const d = workerData as VcpuWorkerData;
 const ctl = new Int32Array(d.sab, d.ctlByteOffset, CTL.WORDS);
+const ctlF64 = new Float64Array(d.sab, d.ctlByteOffset, 8);
 const cpu = d.cpu;
 const port = parentPort!;
 
@@ -68,6 +69,7 @@ function run(p: VcpuRunParams): void {
     const cs = p.criticalSectionWork;
     const outside = p.outsideWork;
     const acq = CTL.ACQUIRED + cpu;
+    const nr = Atomics.load(ctl, CTL.NR_VCPUS);
     for (let i = 0; i < p.iterations; i++) {
       if (Atomics.load(ctl, CTL.STOP) !== 0) break;
       lock.lock(cpu);
@@ -75,6 +77,12 @@ function run(p: VcpuRunParams): void {
       if (cs > 0) work(cs);
       if (random !== undefined) delay();
       ctl[counter] = c + 1;
+      // The last vCPU to get its first turn marks the start of the steady state
+      // (every vCPU of the run contending); under the lock, so the count is exact.
+      if (i === 0 && Atomics.add(ctl, CTL.STARTED, 1) === nr - 1) {
+        ctlF64[CTL.STEADY_T_F64] = performance.timeOrigin + performance.now();
+        Atomics.store(ctl, CTL.STEADY_OPS, c + 1);
+      }
       lock.unlock(cpu);
       ctl[acq]!++;
       if (outside > 0) work(outside);
@@ -82,7 +90,7 @@ function run(p: VcpuRunParams): void {
     }
   }
   const done: VcpuMessage = { type: "done", cpu, gen: p.gen, ms: performance.now() - t0, sink };
-  Atomics.add(ctl, CTL.DONE, 1);
+  if (Atomics.add(ctl, CTL.DONE, 1) === Atomics.load(ctl, CTL.NR_VCPUS) - 1) ctlF64[CTL.END_T_F64] = performance.timeOrigin + performance.now();
   port.postMessage(done);
 }
 

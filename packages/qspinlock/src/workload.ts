@@ -49,6 +49,7 @@ export interface VcpuRunConfig {
 export class VcpuPool {
   readonly sab: SharedArrayBuffer;
   readonly ctl: Int32Array;
+  private readonly ctlF64: Float64Array;
   private spaceCur: LockSpace | null = null;
   private cfg: VcpuRunConfig | null = null;
   private readonly workers = new Map<number, Worker>();
@@ -67,6 +68,7 @@ export class VcpuPool {
     const spaceBytes = lockSpaceBytes(maxCpus, 1);
     this.sab = new SharedArrayBuffer(spaceBytes + CTL.WORDS * 4);
     this.ctl = new Int32Array(this.sab, spaceBytes, CTL.WORDS);
+    this.ctlF64 = new Float64Array(this.sab, spaceBytes, 8); // spaceBytes is a multiple of 64
   }
 
   /** Starts worker threads for vCPUs `cpus` (default 0..maxCpus-1); other ids are free for the main thread. */
@@ -165,6 +167,8 @@ export class VcpuPool {
     this.ready.clear();
     this.done.clear();
     for (let i = 0; i < CTL.WORDS; i++) if (i < CTL.GO || i >= CTL.GO + CTL.MAX_CPUS) Atomics.store(this.ctl, i, 0);
+    for (let i = 0; i < 8; i++) this.ctlF64[i] = 0;
+    Atomics.store(this.ctl, CTL.NR_VCPUS, tasks.length);
     this.spaceCur = LockSpace.init(this.sab, 0, { maxCpus: this.maxCpus, nrLocks: 1, haltTimeoutUs: cfg.haltTimeoutUs ?? 0 });
     this.cfg = cfg;
     this.running = tasks.map((t) => t.cpu);
@@ -221,6 +225,18 @@ export class VcpuPool {
   /** vCPU holding the lock in "hold" mode, or -1. */
   holder(): number {
     return Atomics.load(this.ctl, CTL.HOLDER) - 1;
+  }
+  /**
+   * The run's steady state: from the moment the last of its vCPUs first got
+   * the lock (all of them contending) to the moment the last one finished:
+   * rounds done and milliseconds. null if some vCPU never got the lock or the
+   * run has not finished.
+   */
+  steadyState(): { ops: number; ms: number } | null {
+    const t0 = this.ctlF64[CTL.STEADY_T_F64]!;
+    const t1 = this.ctlF64[CTL.END_T_F64]!;
+    if (t0 === 0 || t1 === 0 || Atomics.load(this.ctl, CTL.STARTED) < this.running.length) return null;
+    return { ops: this.counter() - Atomics.load(this.ctl, CTL.STEADY_OPS), ms: t1 - t0 };
   }
   isDone(cpu: number): boolean {
     return this.done.has(cpu);
@@ -314,6 +330,14 @@ export interface LockWorkloadResult {
   /** Final value of the shared counter; equals ops unless mutual exclusion failed. */
   counter: number;
   acquiredPerVcpu: number[];
+  /**
+   * Rounds done and ms taken after every vCPU had acquired the lock once, to
+   * the end of the run: the steady state, without the start-up transient in
+   * which the vCPU threads that got a host core first run with fewer
+   * contenders than `vcpus`. 0 and 0 if some vCPU never got the lock.
+   */
+  steadyOps: number;
+  steadyMs: number;
   stats: LockStats;
 }
 
@@ -349,6 +373,7 @@ export async function runLockWorkload(o: LockWorkloadOptions): Promise<LockWorkl
     const acquiredPerVcpu = tasks.map((t) => pool.acquired(t.cpu));
     const ops = acquiredPerVcpu.reduce((a, b) => a + b, 0);
     const counter = pool.counter();
+    const steady = finished ? pool.steadyState() : null;
     const errs = pool.workerErrors;
     const full = o.vcpus * o.iterations;
     const error =
@@ -377,6 +402,8 @@ export async function runLockWorkload(o: LockWorkloadOptions): Promise<LockWorkl
       ops,
       counter,
       acquiredPerVcpu,
+      steadyOps: steady?.ops ?? 0,
+      steadyMs: steady?.ms ?? 0,
       stats: pool.space.stats(),
     };
   } finally {
