@@ -61,7 +61,7 @@ async function killAndWaitRestart(name: string): Promise<void> {
 }
 
 test("fio --verify survives SIGKILL of vhost-worker, then of completion-thread: zero errors, every request completed once", async () => {
-  const req = { rw: "randwrite", blockSize: 4096, iodepth: 32, numjobs: 2, sizeBytes: 24 << 20, runtimeMs: 0, verify: "crc32c", rwmixRead: 0 };
+  const req = { rw: "randwrite", blockSize: 4096, iodepth: 32, numjobs: 2, sizeBytes: 24 << 20, runtimeMs: 0, verify: "crc32c", rwmixRead: 0, spinlock: "", pvSpinlock: "" };
   let done = false;
   const fio = runFio(req).finally(() => (done = true));
   await sleep(700);

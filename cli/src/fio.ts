@@ -3,6 +3,7 @@
 //   --rw read|write|randread|randwrite|randrw   --bs 4k   --iodepth 32   --numjobs N
 //   --size S (per job, default 64m)   --runtime T (10s, 500ms, 2m; plain number = seconds; 0/absent = one pass)
 //   --verify crc32c   --rwmixread P (randrw, default 50)   --json (boolean)   --vm NAME   --state-dir DIR
+//   --lock ticket|queue   --pv on|off   (the guest's virtqueue spinlock for this run; default: the guest's)
 // Exit status: 0 when every I/O succeeded and verified, 1 otherwise.
 import { credentials, Metadata } from "@grpc/grpc-js";
 import { resolve } from "node:path";
@@ -11,7 +12,7 @@ import { defaultStateDir, pidAlive, readState } from "./state";
 import { CliError, UsageError } from "./errors";
 import type { Values } from "./main";
 
-export type FioValues = Pick<Values, "rw" | "bs" | "iodepth" | "numjobs" | "size" | "runtime" | "verify" | "rwmixread" | "json" | "vm" | "state-dir">;
+export type FioValues = Pick<Values, "rw" | "bs" | "iodepth" | "numjobs" | "size" | "runtime" | "verify" | "rwmixread" | "json" | "vm" | "state-dir" | "lock" | "pv">;
 
 const UNITS: Record<string, number> = { "": 1, b: 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 };
 
@@ -44,6 +45,10 @@ export function fioRequest(v: FioValues): guest.FioRequest {
   if (!["read", "write", "randread", "randwrite", "randrw"].includes(rw)) throw new UsageError(`--rw ${rw} must be read|write|randread|randwrite|randrw`);
   const verify = v.verify ?? "";
   if (verify !== "" && verify !== "crc32c") throw new UsageError(`--verify ${verify} must be crc32c`);
+  const spinlock = v.lock ?? "";
+  if (spinlock !== "" && spinlock !== "ticket" && spinlock !== "queue") throw new UsageError(`--lock ${spinlock} must be ticket or queue`);
+  const pvSpinlock = v.pv ?? "";
+  if (pvSpinlock !== "" && pvSpinlock !== "on" && pvSpinlock !== "off") throw new UsageError(`--pv ${pvSpinlock} must be on or off`);
   return {
     rw,
     blockSize: parseSize("bs", v.bs ?? "4k"),
@@ -53,6 +58,8 @@ export function fioRequest(v: FioValues): guest.FioRequest {
     runtimeMs: v.runtime === undefined ? 0 : parseTime(v.runtime),
     verify,
     rwmixRead: intOpt("rwmixread", v.rwmixread, 50, 0, 100),
+    spinlock,
+    pvSpinlock,
   };
 }
 
@@ -71,6 +78,13 @@ export function formatFio(req: guest.FioRequest, r: guest.FioResult, who: string
   if (r.writeIos) lines.push(`  write: IOPS=${human(r.writeIos / secs)}, BW=${((r.writeIos * req.blockSize) / 1e6 / secs).toFixed(1)}MB/s (${r.writeIos} ios)`);
   lines.push(`  total: IOPS=${human(r.iops)}, BW=${r.mbPerS.toFixed(1)}MB/s, run=${r.runtimeMs}msec`);
   lines.push(`  clat percentiles (usec): 50.00th=[${r.latP50Us.toFixed(1)}], 99.00th=[${r.latP99Us.toFixed(1)}], 99.90th=[${r.latP999Us.toFixed(1)}]`);
+  const l = r.spinlock;
+  if (l) {
+    lines.push(
+      `  vq->lock: ${l.kind} spinlock, PV ${l.pv ? "on" : "off"}${l.unfair ? ", unfair" : ""}; ${l.vcpus} vCPUs on ${l.hostCores} host cores (${(l.vcpus / Math.max(l.hostCores, 1)).toFixed(1)}x)`,
+      `    ${l.acquisitions} acquisitions, ${l.slowpath} contended, ${l.spins} spins, ${l.halts} halts (${l.haltedMs.toFixed(1)} ms), ${l.kicks} kicks, ${l.spuriousWakes} spurious wakes${l.steals ? `, ${l.steals} steals` : ""}`,
+    );
+  }
   if (req.verify) lines.push(`  verify: ${r.verifyErrors} errors`);
   else if (r.verifyErrors) lines.push(`  errors: ${r.verifyErrors}`);
   for (const f of r.verifyFailures) lines.push(`    ${f}`);
@@ -96,7 +110,7 @@ export async function fio(values: FioValues, _positionals: string[]): Promise<nu
       const out = {
         vm,
         host: svc.host,
-        params: { rw: req.rw, bs: req.blockSize, iodepth: req.iodepth, numjobs: req.numjobs, size: req.sizeBytes, runtimeMs: req.runtimeMs, verify: req.verify || null, rwmixread: req.rwmixRead },
+        params: { rw: req.rw, bs: req.blockSize, iodepth: req.iodepth, numjobs: req.numjobs, size: req.sizeBytes, runtimeMs: req.runtimeMs, verify: req.verify || null, rwmixread: req.rwmixRead, lock: req.spinlock || null, pv: req.pvSpinlock || null },
         result: res,
       };
       process.stdout.write(JSON.stringify(out, null, 2) + "\n");

@@ -16,7 +16,10 @@ Stack:
 Drive a running stack:
   fio --rw read|write|randread|randwrite|randrw [--bs 4k] [--iodepth 32] [--numjobs N]
       [--size S] [--runtime T] [--verify crc32c] [--rwmixread P] [--vm vm1] [--json]
-                       fio-like workload on the guest's virtio-blk disk (vhost-blk, seed 000)
+      [--lock ticket|queue] [--pv on|off]
+                       fio-like workload on the guest's virtio-blk disk (vhost-blk, seed 000);
+                       each job runs on its own guest vCPU thread, contending on the
+                       virtqueue's spinlock (seed 002; default: the guest's configured lock)
   balloon set <vm> <size> | stats <vm> [--json]
                        virtio-balloon target and statistics (seed 003)
   ioband devices|settings|cgroup|attach ... [--host H] [--cgroup /]

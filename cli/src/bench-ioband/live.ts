@@ -134,7 +134,7 @@ export class IobandLiveStack {
 
   /** GuestService.RunFio on every VM at once. */
   async fioAll(req: Partial<guest.FioRequest>): Promise<Map<string, guest.FioResult>> {
-    const full: guest.FioRequest = { rw: "randwrite", blockSize: 4096, iodepth: 16, numjobs: 1, sizeBytes: 0, runtimeMs: 3000, verify: "", rwmixRead: 0, ...req };
+    const full: guest.FioRequest = { rw: "randwrite", blockSize: 4096, iodepth: 16, numjobs: 1, sizeBytes: 0, runtimeMs: 3000, verify: "", rwmixRead: 0, spinlock: "", pvSpinlock: "", ...req };
     const rs = await Promise.all(
       this.vms.map(async (vm) => {
         const c = this.guests.get(vm)!;

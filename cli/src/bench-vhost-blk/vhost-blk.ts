@@ -202,6 +202,8 @@ class RingTarget {
       runtimeMs,
       verify: verify ? "crc32c" : "",
       rwmixRead: 0,
+      spinlock: "",
+      pvSpinlock: "",
     };
     return unary<guest.FioRequest, guest.FioResult>(gd.runFio, gd, req, runtimeMs + 120_000);
   }

@@ -7,9 +7,18 @@
 // Requests are identified by a slot (0..slots-1) the caller owns: each slot has a
 // fixed header/status area; segment descriptors are preallocated per slot, so
 // submitting allocates nothing.
+//
+// Every vCPU thread has its own VirtioBlkDriver over the same queue: the queue's
+// driver state and the head<->slot maps live in the guest kernel's shared
+// memory (GuestKernel), and, as in virtio_blk.c, the queue's spinlock (vq->lock)
+// is held around virtqueue_add, virtqueue_kick_prepare and the interrupt
+// handler's get_buf loop. The configured lock (ticket or queue, PV or not) is
+// what `virtmesh fio --numjobs` with more vCPUs than host cores contends on.
+import type { GuestLock } from "@virtmesh/qspinlock";
 import type { Doorbell } from "@virtmesh/shm";
 import type { CompletionRing } from "@virtmesh/virtio-blk";
 import type { BufferSegment, DriverQueue, GuestMemory } from "@virtmesh/virtqueue";
+import type { GuestKernel } from "./kernel";
 import {
   BLK_HDR_BYTES,
   DISCARD_WZ_SEG_BYTES,
@@ -50,25 +59,39 @@ export class VirtioBlkDriver {
   private readonly segs: SlotSegs[] = [];
   private readonly headToSlot: Int32Array;
   private readonly slotHead: Int32Array;
-  private readonly slotTraced: Uint8Array;
+  private readonly slotTraced: Int32Array;
   /** The host's per-head trace slots (in the completion ring file), or null. */
   traceRing: CompletionRing | null = null;
+  /** Requests this vCPU queued since its last notify(). */
+  private unnotified = 0;
+  private nextTraceId = "";
+  private nextSpanId = "";
+  private nextTraceFlags = 0;
   private running = false;
   private loop: Promise<void> | null = null;
   private error: Error | null = null;
 
+  /**
+   * @param kernel the guest kernel memory holding the queue's shared driver state
+   * @param cpu the vCPU this object runs on (its lock queue node and statistics)
+   * @param lock vq->lock; every VirtioBlkDriver of the queue must use the same one
+   * @param call the interrupt doorbell: only the object that runs start() (cpu 0) needs it
+   */
   constructor(
     readonly mem: GuestMemory,
     readonly dq: DriverQueue,
     private readonly kick: Doorbell,
-    private readonly call: Doorbell,
+    private readonly call: Doorbell | null,
     readonly reqArea: number,
     slots: number,
+    kernel: GuestKernel,
+    readonly cpu: number,
+    public lock: GuestLock,
   ) {
     this.slots = slots;
-    this.headToSlot = new Int32Array(dq.size).fill(-1);
-    this.slotHead = new Int32Array(slots).fill(-1);
-    this.slotTraced = new Uint8Array(slots);
+    this.headToSlot = kernel.headToSlot;
+    this.slotHead = kernel.slotHead;
+    this.slotTraced = kernel.slotTraced;
     for (let s = 0; s < slots; s++) {
       const base = reqArea + s * REQ_AREA_STRIDE;
       const hdr = { addr: base, len: BLK_HDR_BYTES };
@@ -101,77 +124,116 @@ export class VirtioBlkDriver {
     vcpu.writeU8(s.status.addr, 0xff);
     s.data.addr = dataAddr;
     s.data.len = dataLen;
-    let head: number;
+    let readable: BufferSegment[];
+    let writable: BufferSegment[];
     switch (type) {
       case VIRTIO_BLK_T_OUT:
-        head = this.dq.add(s.rHdrData, s.wStatus);
+        readable = s.rHdrData;
+        writable = s.wStatus;
         break;
       case VIRTIO_BLK_T_IN:
       case VIRTIO_BLK_T_GET_ID:
-        head = this.dq.add(s.rHdr, s.wDataStatus);
+        readable = s.rHdr;
+        writable = s.wDataStatus;
         break;
       case VIRTIO_BLK_T_DISCARD:
       case VIRTIO_BLK_T_WRITE_ZEROES:
         writeDiscardSegment(vcpu, s.disc.addr, sector, numSectors, flags);
-        head = this.dq.add(s.rHdrDisc, s.wStatus);
+        readable = s.rHdrDisc;
+        writable = s.wStatus;
         break;
       default:
         // FLUSH and anything else: header + status.
-        head = this.dq.add(s.rHdr, s.wStatus);
+        readable = s.rHdr;
+        writable = s.wStatus;
+    }
+    // The request is built in memory this vCPU owns; only the queue needs vq->lock.
+    const lock = this.lock;
+    const cpu = this.cpu;
+    let head = -1;
+    lock.lock(cpu);
+    try {
+      head = this.dq.add(readable, writable);
+      if (head >= 0) {
+        // Before the unlock: the interrupt handler maps the head back under the same lock.
+        this.headToSlot[head] = slot;
+        this.slotHead[slot] = head;
+        if (this.nextTraceId !== "") {
+          this.traceRing?.writeGuestTrace(head, this.nextTraceId, this.nextSpanId, this.nextTraceFlags);
+          this.slotTraced[slot] = 1;
+        }
+      }
+    } finally {
+      lock.unlock(cpu);
+      this.nextTraceId = "";
     }
     if (head < 0) return false;
-    this.headToSlot[head] = slot;
-    this.slotHead[slot] = head;
+    this.unnotified++;
     return true;
   }
 
   /**
-   * Puts a sampled request's span context into the trace slot of the head it was
-   * just submitted on, for vhost-worker and completion-thread to continue the trace.
+   * Makes the next submit() a sampled request: its span context goes into the
+   * trace slot of the head it is submitted on, for vhost-worker and
+   * completion-thread to continue the trace.
    */
-  traceSubmitted(slot: number, traceId: string, spanId: string, traceFlags: number): void {
-    if (!this.traceRing) return;
-    this.traceRing.writeGuestTrace(this.slotHead[slot]!, traceId, spanId, traceFlags);
-    this.slotTraced[slot] = 1;
+  traceNext(traceId: string, spanId: string, traceFlags: number): void {
+    this.nextTraceId = traceId;
+    this.nextSpanId = spanId;
+    this.nextTraceFlags = traceFlags;
   }
 
   /** Kicks the device if it asked for it (virtqueue_kick_prepare + notify). */
   notify(): void {
-    if (this.dq.kickPrepare()) {
+    if (this.unnotified === 0) return;
+    this.unnotified = 0;
+    // virtio_queue_rq: kick_prepare under vq->lock, the notify itself outside it.
+    this.lock.lock(this.cpu);
+    const kick = this.dq.kickPrepare();
+    this.lock.unlock(this.cpu);
+    if (kick) {
       this.kicks++;
       this.kick.ring();
     }
   }
 
+  /** Runs the interrupt handler (virtblk_done) on this thread. */
   start(): void {
     if (this.running) return;
+    if (this.call === null) throw new Error("VirtioBlkDriver.start: this vCPU has no interrupt doorbell");
     this.running = true;
-    this.loop = this.irqLoop();
+    this.loop = this.irqLoop(this.call);
   }
 
   async stop(): Promise<void> {
     this.running = false;
-    this.call.ring();
+    this.call?.ring();
     await this.loop;
   }
 
-  private async irqLoop(): Promise<void> {
+  private async irqLoop(call: Doorbell): Promise<void> {
     const dq = this.dq;
+    const cpu = this.cpu;
     const check = (): boolean => !this.running || dq.hasUsed();
     while (this.running) {
-      dq.disableCallbacks();
+      const lock = this.lock; // a fio run may have configured another one
+      // virtblk_done: under vq->lock, take everything used, and re-enable
+      // callbacks the §2.7.14 way (re-check after enabling) so none is lost.
+      lock.lock(cpu);
       try {
-        this.drain();
+        do {
+          dq.disableCallbacks();
+          this.drain();
+        } while (dq.enableCallbacks());
       } catch (e) {
         // DeviceProtocolError: a lying device. The queue is unusable (Linux: BAD_RING).
         this.error = e as Error;
         this.running = false;
-        break;
+      } finally {
+        lock.unlock(cpu);
       }
-      this.notify();
-      // §2.7.14: re-enable, then re-check, so an interrupt is never lost.
-      if (dq.enableCallbacks()) continue;
-      await this.call.spinThenWait(check, { maxSpinUs: 20 }).catch(() => {
+      if (!this.running) break;
+      await call.spinThenWait(check, { maxSpinUs: 20 }).catch(() => {
         this.running = false;
       });
       this.irqs++;

@@ -23,8 +23,12 @@ import {
   hasFeature,
 } from "@virtmesh/virtio-blk";
 import { ConfigError, int, str } from "@virtmesh/config";
+import { isLockKind } from "@virtmesh/qspinlock";
 import { REQ_AREA_STRIDE, VirtioBlkDriver } from "./blk";
+import { GuestKernel } from "./kernel";
 import { callUnary } from "./rpc";
+import type { SpinlockConfig, VcpuBoot } from "./vcpu-protocol";
+import { GuestVcpus } from "./vcpus";
 
 export const BLK_DEVICE = "blk0";
 export const MIB = 1 << 20;
@@ -39,6 +43,10 @@ export interface BlkConfig {
   eventIdx: boolean;
   indirect: boolean;
   maxBs: number;
+  /** vCPU threads that run workloads (besides the boot CPU). */
+  vcpus: number;
+  /** The guest's spinlock (vq->lock among others). */
+  spinlock: SpinlockConfig;
 }
 
 /** The guest-driver's environment (README.md). Bad values stop the service with one line. */
@@ -56,8 +64,16 @@ export function blkConfig(env: NodeJS.ProcessEnv, vm: string): BlkConfig {
   if (memoryBytes % 4096 !== 0) throw new ConfigError(`VIRTMESH_GUEST_MEMORY_BYTES=${memoryBytes} must be a multiple of 4096`);
   const queueSize = int(env, "VIRTMESH_BLK_QUEUE_SIZE", 128, 4, 1024);
   if (queueSize & (queueSize - 1)) throw new ConfigError(`VIRTMESH_BLK_QUEUE_SIZE=${queueSize} must be a power of 2`);
-  const flag = (k: string) => str(env, k, "1") !== "0";
-  return { memoryBytes, queueSize, disk, diskBytes, backend, mode, eventIdx: flag("VIRTMESH_BLK_EVENT_IDX"), indirect: flag("VIRTMESH_BLK_INDIRECT"), maxBs: MIB };
+  const flag = (k: string, dflt = "1") => {
+    const v = str(env, k, dflt);
+    if (v !== "0" && v !== "1") throw new ConfigError(`${k}=${v} must be 0 or 1`);
+    return v === "1";
+  };
+  const vcpus = int(env, "VIRTMESH_GUEST_VCPUS", 8, 1, 64);
+  const kind = str(env, "VIRTMESH_GUEST_SPINLOCK", "queue");
+  if (!isLockKind(kind)) throw new ConfigError(`VIRTMESH_GUEST_SPINLOCK=${kind} must be ticket or queue`);
+  const spinlock = { kind, pv: flag("VIRTMESH_GUEST_PV_SPINLOCK"), unfair: flag("VIRTMESH_GUEST_SPINLOCK_UNFAIR", "0") };
+  return { memoryBytes, queueSize, disk, diskBytes, backend, mode, eventIdx: flag("VIRTMESH_BLK_EVENT_IDX"), indirect: flag("VIRTMESH_BLK_INDIRECT"), maxBs: MIB, vcpus, spinlock };
 }
 
 /** Creates the sparse image if missing (or grows it to diskBytes); returns its size. */
@@ -79,6 +95,8 @@ export interface BlkDevice {
   memMap: SharedMapping;
   mem: GuestMemory;
   driver: VirtioBlkDriver;
+  /** The guest's vCPU threads, which run workloads on this queue. */
+  vcpus: GuestVcpus;
   features: bigint;
   diskBytes: number;
   /** Slots for workloads: [0, slots - 1); the last one is the control slot. */
@@ -139,7 +157,10 @@ export async function bootBlk(ctx: ServiceContext, vm: string, cfg: BlkConfig): 
     throw new ConfigError(`guest memory of ${layout.memoryBytes} bytes is too small for ${slots} requests of up to ${cfg.maxBs} bytes (need ${need} below ${layout.reservedAddr})`);
   }
   const qcfg = { size: n, descAddr: qr.descAddr, availAddr: qr.availAddr, usedAddr: qr.usedAddr, eventIdx, indirect };
-  const dq = new DriverQueue(mem, qcfg, indirect ? { indirectArea: { addr: indirectAddr, maxIndirect } } : {});
+  const indirectArea = indirect ? { addr: indirectAddr, maxIndirect } : null;
+  // The queue's driver state lives in guest kernel memory every vCPU thread shares.
+  const kernel = new GuestKernel({ queueSize: n, slots, vcpus: cfg.vcpus });
+  const dq = new DriverQueue(mem, qcfg, { ...(indirectArea ? { indirectArea } : {}), sharedState: { buffer: kernel.sab, byteOffset: kernel.driverStateOffset, attach: false } });
 
   await callUnary(vw, vw.setVringNum, { dev, index: 0, num: n });
   await callUnary(vw, vw.setVringAddr, { dev, index: 0, flags: 0, descUserAddr: qr.descAddr, usedUserAddr: qr.usedAddr, availUserAddr: qr.availAddr, logGuestAddr: qr.usedAddr });
@@ -163,10 +184,28 @@ export async function bootBlk(ctx: ServiceContext, vm: string, cfg: BlkConfig): 
     });
   }
 
-  const driver = new VirtioBlkDriver(mem, dq, kick, call, reqArea, slots);
   // The per-head trace slots live in the completion ring file vhost-worker made at BlkSetBackend.
   const cringPath = join(ctx.config.shmDir, completionRingFileName(vm, BLK_DEVICE, 0));
-  const cringMap = mapFile(cringPath, statSync(cringPath).size);
+  const cringBytes = statSync(cringPath).size;
+  const cringMap = mapFile(cringPath, cringBytes);
+  const boot: Omit<VcpuBoot, "cpu"> = {
+    kernelSab: kernel.sab,
+    geom: kernel.geom,
+    memoryPath: layout.memoryPath,
+    memoryBytes: layout.memoryBytes,
+    kickPath: qr.kickPath,
+    queue: qcfg,
+    indirectArea,
+    reqArea,
+    dataBase,
+    maxBs: cfg.maxBs,
+    slots,
+    diskBytes,
+    completionRing: { path: cringPath, bytes: cringBytes },
+  };
+  const vcpus = new GuestVcpus(kernel, boot);
+  // The boot CPU (cpu 0, this thread) runs the interrupt handler and control requests.
+  const driver = new VirtioBlkDriver(mem, dq, kick, call, reqArea, slots, kernel, 0, vcpus.layOutLock(cfg.spinlock).lock);
   driver.traceRing = CompletionRing.open(cringMap.buffer);
   driver.start();
 
@@ -176,12 +215,14 @@ export async function bootBlk(ctx: ServiceContext, vm: string, cfg: BlkConfig): 
     memMap,
     mem,
     driver,
+    vcpus,
     features,
     diskBytes,
     slots,
     dataBase,
     deviceStats: () => callUnary(vw, vw.getStats, dev),
     async shutdown() {
+      await vcpus.close();
       await driver.stop();
       driver.traceRing = null;
       cringMap.unmap();

@@ -6,8 +6,12 @@
 // misplaced, never-written and stale (lost-write) blocks are reported with their
 // offset. Write jobs with verify read their region back afterwards (fio's verify
 // phase); every job that wrote ends with a FLUSH.
+//
+// Jobs run on the guest's vCPU threads (vcpus.ts): runJobs() is what one vCPU
+// runs for its jobs, taking its completions from the interrupt handler one by
+// one; mergeOutcome() adds up what the vCPUs report.
+import { randomBytes } from "node:crypto";
 import { performance } from "node:perf_hooks";
-import { context, trace, SpanKind, TraceFlags, type Context, type Span } from "@opentelemetry/api";
 import { LatencyHistogram } from "@virtmesh/bench";
 import { VERIFY_HEADER_BYTES, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, checkVerifyBlock, fillVerifyBlock } from "@virtmesh/virtio-blk";
 import type { VirtioBlkDriver } from "./blk";
@@ -42,6 +46,42 @@ export interface FioOutcome {
 }
 
 export const MAX_REPORTED_FAILURES = 100;
+/** Sampled requests one vCPU keeps per run for the RunFio trace. */
+export const MAX_SAMPLED_REQUESTS = 1000;
+
+/** The sampled RunFio call a run's sampled requests are children of. */
+export interface TraceParent {
+  traceId: string;
+  traceFlags: number;
+}
+
+/** A sampled request, recorded on a vCPU; the boot CPU turns it into a span under spanId. */
+export interface SampledRequest {
+  spanId: string;
+  name: string;
+  /** Epoch milliseconds (comparable across threads). */
+  startMs: number;
+  endMs: number;
+  offset: number;
+  bytes: number;
+  job: number;
+  status: number;
+}
+
+/** What one vCPU reports for its jobs. */
+export interface FioPartial {
+  readIos: number;
+  writeIos: number;
+  readBytes: number;
+  writeBytes: number;
+  errors: number;
+  failures: string[];
+  /** Latency histogram, LatencyHistogram.encode(). */
+  hist: string;
+  spans: SampledRequest[];
+  /** The run was abandoned (CTL_STOP) before its jobs finished. */
+  stopped: boolean;
+}
 
 export interface FioEnv {
   driver: VirtioBlkDriver;
@@ -54,6 +94,9 @@ export interface FioEnv {
   /** Trace one request in every `traceEvery` (0: none), when the RunFio call is sampled. */
   traceEvery: number;
 }
+
+/** The job owning workload slot `slot` (jobs use consecutive runs of iodepth slots). */
+export const jobOfSlot = (p: FioParams, slot: number): number => Math.floor(slot / p.iodepth);
 
 /** Checks a request against the VM; returns an error message or null. */
 export function checkFioParams(p: FioParams, env: FioEnv): string | null {
@@ -105,9 +148,8 @@ class Job {
   readonly slotBlock: Int32Array;
   readonly slotWrite: Uint8Array;
   readonly slotT0: Float64Array;
-  readonly slotSpan: Array<Span | null>;
+  readonly slotSpan: Array<SampledRequest | null>;
   private readonly rng: Rng;
-  resolve: () => void = () => undefined;
 
   constructor(
     readonly run: Run,
@@ -134,16 +176,17 @@ class Job {
     this.slotBlock = new Int32Array(p.iodepth).fill(-1);
     this.slotWrite = new Uint8Array(p.iodepth);
     this.slotT0 = new Float64Array(p.iodepth);
-    this.slotSpan = new Array<Span | null>(p.iodepth).fill(null);
+    this.slotSpan = new Array<SampledRequest | null>(p.iodepth).fill(null);
   }
 
-  start(): Promise<void> {
-    return new Promise((resolve) => {
-      this.resolve = resolve;
-      for (let i = 0; i < this.run.p.iodepth; i++) this.issue(i);
-      this.run.env.driver.notify();
-      this.maybeAdvance();
-    });
+  get done(): boolean {
+    return this.phase === "done";
+  }
+
+  start(): void {
+    for (let i = 0; i < this.run.p.iodepth; i++) this.issue(i);
+    this.run.env.driver.notify();
+    this.maybeAdvance();
   }
 
   /** Picks and submits the next I/O on local slot i; false if this phase has nothing left. */
@@ -188,19 +231,21 @@ class Job {
     this.slotWrite[i] = isWrite ? 1 : 0;
     this.slotT0[i] = performance.now();
     this.inflight++;
+    const sampled = this.run.sampled();
+    let spanId = "";
+    if (sampled) {
+      // A sampled request: its span id rides the head's trace slot to the host now;
+      // the span itself is recorded by the boot CPU after the run (startSpanWithId).
+      spanId = newSpanId();
+      env.driver.traceNext(this.run.parent!.traceId, spanId, this.run.parent!.traceFlags);
+    }
     if (!env.driver.submit(slot, isWrite ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN, off / 512, data, p.bs)) {
       throw new Error("virtqueue full: more requests than descriptors");
     }
-    if (this.run.sampled()) {
-      // A sampled request: a guest span, whose context rides the head's trace slot to the host.
-      const span = trace.getTracer("virtmesh.guest-driver").startSpan(
-        `virtio-blk ${isWrite ? "OUT" : "IN"}`,
-        { kind: SpanKind.CLIENT, attributes: { "virtio.vm": this.run.vm, "virtio_blk.offset": off, "virtio_blk.bytes": p.bs, "fio.job": this.index } },
-        this.run.parent,
-      );
-      const sc = span.spanContext();
-      env.driver.traceSubmitted(slot, sc.traceId, sc.spanId, sc.traceFlags);
-      this.slotSpan[i] = span;
+    if (sampled) {
+      const rec: SampledRequest = { spanId, name: `virtio-blk ${isWrite ? "OUT" : "IN"}`, startMs: performance.timeOrigin + this.slotT0[i]!, endMs: 0, offset: off, bytes: p.bs, job: this.index, status: -1 };
+      this.slotSpan[i] = rec;
+      if (this.run.spans.length < MAX_SAMPLED_REQUESTS) this.run.spans.push(rec);
     }
     return true;
   }
@@ -213,16 +258,17 @@ class Job {
     if (this.phase === "flush") {
       if (status !== VIRTIO_BLK_S_OK) run.fail(`job ${this.index}: FLUSH failed with status ${status}`);
       this.phase = "done";
-      this.resolve();
       return;
     }
     const blk = this.slotBlock[i]!;
     const isWrite = this.slotWrite[i] === 1;
     const off = this.base + blk * p.bs;
-    run.hist.record((performance.now() - this.slotT0[i]!) * 1e6);
+    const now = performance.now();
+    run.hist.record((now - this.slotT0[i]!) * 1e6);
     const span = this.slotSpan[i];
     if (span) {
-      span.setAttribute("virtio_blk.status", status).end();
+      span.endMs = performance.timeOrigin + now;
+      span.status = status;
       this.slotSpan[i] = null;
     }
     this.busy[blk] = 0;
@@ -266,10 +312,14 @@ class Job {
       this.run.env.driver.notify();
       return;
     }
-    if (this.phase !== "done" && this.phase !== "flush") {
-      this.phase = "done";
-      this.resolve();
-    }
+    if (this.phase !== "done" && this.phase !== "flush") this.phase = "done";
+  }
+}
+
+function newSpanId(): string {
+  for (;;) {
+    const id = randomBytes(8).toString("hex");
+    if (id !== "0000000000000000") return id;
   }
 }
 
@@ -281,7 +331,7 @@ class Run {
   errors = 0;
   readonly failures: string[] = [];
   readonly hist = new LatencyHistogram();
-  readonly runId: number;
+  readonly spans: SampledRequest[] = [];
   private readonly deadline: number;
   private requests = 0;
   private readonly traceOn: boolean;
@@ -289,13 +339,14 @@ class Run {
   constructor(
     readonly p: FioParams,
     readonly env: FioEnv,
-    readonly parent: Context,
-    readonly vm: string,
+    readonly runId: number,
+    /** The sampled RunFio call, or null. */
+    readonly parent: TraceParent | null,
+    /** performance.now() at which the main phase stops issuing (runtime), or Infinity. */
+    deadline: number,
   ) {
-    const sc = trace.getSpanContext(parent);
-    this.traceOn = env.traceEvery > 0 && sc !== undefined && (sc.traceFlags & TraceFlags.SAMPLED) !== 0;
-    this.runId = ((Math.random() * 0xfffffffe) >>> 0) + 1;
-    this.deadline = p.runtimeMs > 0 ? performance.now() + p.runtimeMs : Infinity;
+    this.traceOn = env.traceEvery > 0 && parent !== null;
+    this.deadline = deadline;
   }
   /** Whether the next request is sampled (1 in traceEvery, only inside a sampled RunFio). */
   sampled(): boolean {
@@ -310,36 +361,83 @@ class Run {
   }
 }
 
-/** Runs the workload; the driver's onComplete is taken over for the slots it uses. */
-export async function runFio(p: FioParams, env: FioEnv, route: (handler: (slot: number, status: number) => void) => () => void, vm = ""): Promise<FioOutcome> {
-  // Completions run on the interrupt loop, outside the RunFio call: keep its context for the spans.
-  const run = new Run(p, env, context.active(), vm);
-  const jobs: Job[] = [];
-  for (let j = 0; j < p.numjobs; j++) jobs.push(new Job(run, j, j * p.iodepth));
-  const release = route((slot, status) => {
-    const j = jobs[Math.floor(slot / p.iodepth)];
-    if (j) j.complete(slot % p.iodepth, status);
-  });
-  const t0 = performance.now();
-  try {
-    await Promise.all(jobs.map((j) => j.start()));
-  } finally {
-    release();
+/** A fresh non-zero run id: verify headers name the run that wrote a block. */
+export function newRunId(): number {
+  return ((Math.random() * 0xfffffffe) >>> 0) + 1;
+}
+
+/**
+ * Runs fio jobs `jobIndexes` on this vCPU until they finish: submits through
+ * env.driver and takes each completion (slot << 8 | status) from `next`, which
+ * halts the vCPU until one arrives and returns -1 if the run is abandoned.
+ * `deadlineMs` is this thread's performance.now() at which runtime ends.
+ */
+export function runJobs(p: FioParams, env: FioEnv, jobIndexes: readonly number[], runId: number, parent: TraceParent | null, deadlineMs: number, next: () => number): FioPartial {
+  const run = new Run(p, env, runId, parent, deadlineMs);
+  const jobs = new Map<number, Job>();
+  for (const j of jobIndexes) jobs.set(j, new Job(run, j, j * p.iodepth));
+  let active = jobs.size;
+  for (const job of jobs.values()) {
+    job.start();
+    if (job.done) active--;
   }
-  const elapsed = Math.max(performance.now() - t0, 0.001);
-  const ios = run.readIos + run.writeIos;
+  let stopped = false;
+  while (active > 0) {
+    const c = next();
+    if (c < 0) {
+      stopped = true;
+      break;
+    }
+    const slot = c >>> 8;
+    const job = jobs.get(jobOfSlot(p, slot));
+    if (job === undefined || job.done) throw new Error(`completion for slot ${slot}, which no running job of this vCPU owns`);
+    job.complete(slot % p.iodepth, c & 0xff);
+    if (job.done) active--;
+  }
   return {
     readIos: run.readIos,
     writeIos: run.writeIos,
     readBytes: run.readBytes,
     writeBytes: run.writeBytes,
-    iops: ios / (elapsed / 1000),
-    mbPerS: (run.readBytes + run.writeBytes) / 1e6 / (elapsed / 1000),
-    latP50Us: run.hist.percentileUs(50),
-    latP99Us: run.hist.percentileUs(99),
-    latP999Us: run.hist.percentileUs(99.9),
-    verifyErrors: run.errors,
-    verifyFailures: run.failures,
+    errors: run.errors,
+    failures: run.failures,
+    hist: run.hist.encode(),
+    spans: run.spans,
+    stopped,
+  };
+}
+
+/** Adds up the vCPUs' reports of one run that took elapsedMs. */
+export function mergeOutcome(parts: readonly FioPartial[], elapsedMs: number): FioOutcome {
+  const hist = new LatencyHistogram();
+  let readIos = 0;
+  let writeIos = 0;
+  let readBytes = 0;
+  let writeBytes = 0;
+  let errors = 0;
+  const failures: string[] = [];
+  for (const r of parts) {
+    readIos += r.readIos;
+    writeIos += r.writeIos;
+    readBytes += r.readBytes;
+    writeBytes += r.writeBytes;
+    errors += r.errors;
+    for (const f of r.failures) if (failures.length < MAX_REPORTED_FAILURES) failures.push(f);
+    hist.merge(r.hist);
+  }
+  const elapsed = Math.max(elapsedMs, 0.001);
+  return {
+    readIos,
+    writeIos,
+    readBytes,
+    writeBytes,
+    iops: (readIos + writeIos) / (elapsed / 1000),
+    mbPerS: (readBytes + writeBytes) / 1e6 / (elapsed / 1000),
+    latP50Us: hist.percentileUs(50),
+    latP99Us: hist.percentileUs(99),
+    latP999Us: hist.percentileUs(99.9),
+    verifyErrors: errors,
+    verifyFailures: failures,
     runtimeMs: Math.round(elapsed),
   };
 }

@@ -1,12 +1,28 @@
 // guest-driver: one VM (its vCPUs, virtio drivers, page allocator, workloads); see README.md.
 import { status as Status } from "@grpc/grpc-js";
+import { context, trace, SpanKind, TraceFlags } from "@opentelemetry/api";
+import { isLockKind } from "@virtmesh/qspinlock";
+import { startSpanWithId } from "@virtmesh/telemetry";
 import { checkName, int, str } from "@virtmesh/config";
 import { guest } from "@virtmesh/proto";
 import { runService, unary, GrpcError } from "@virtmesh/runtime";
 import { VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID } from "@virtmesh/virtio-blk";
 import { blkConfig, bootBlk, BLK_DEVICE, type BlkDevice } from "./boot";
-import { checkFioParams, runFio, type FioParams, type RwMode } from "./fio";
+import { checkFioParams, mergeOutcome, newRunId, type FioParams, type RwMode, type SampledRequest, type TraceParent } from "./fio";
+import type { SpinlockConfig } from "./vcpu-protocol";
+import { GuestVcpus } from "./vcpus";
 import { createGuestAllocator, startGuestBalloon } from "./balloon";
+
+/** The guest span of a sampled request, under the span id its vCPU already gave the host. */
+function recordRequestSpan(rec: SampledRequest, parent: ReturnType<typeof context.active>, vm: string): void {
+  if (rec.endMs === 0) return; // never completed (abandoned run)
+  startSpanWithId(
+    rec.spanId,
+    rec.name,
+    { kind: SpanKind.CLIENT, startTime: rec.startMs, attributes: { "virtio.vm": vm, "virtio_blk.offset": rec.offset, "virtio_blk.bytes": rec.bytes, "fio.job": rec.job, "virtio_blk.status": rec.status } },
+    parent,
+  ).end(rec.endMs);
+}
 
 void runService({
   name: "guest-driver",
@@ -24,13 +40,12 @@ void runService({
     const allocator = createGuestAllocator(blk.mem, blk.layout, blk.dataBase + blk.slots * cfg.maxBs);
     const balloon = await startGuestBalloon({ ctx, vm, memory: blk.mem, allocator, layout: blk.layout });
 
-    // Completions are routed per slot owner: a workload, or the control slot.
+    // Completions are routed per slot owner: the vCPU running a workload's job, or the control slot.
     const control = blk.slots - 1;
     let controlDone: ((status: number, len: number) => void) | null = null;
-    let workload: ((slot: number, status: number) => void) | null = null;
     blk.driver.onComplete = (slot, status, len) => {
       if (slot === control) controlDone?.(status, len);
-      else workload?.(slot, status);
+      else blk.vcpus.complete(slot, status);
     };
     const controlRequest = (type: number, dataLen: number): Promise<{ status: number; len: number }> =>
       new Promise((resolve, reject) => {
@@ -56,7 +71,7 @@ void runService({
       host: ctx.config.host,
       state,
       memoryBytes: blk.layout.memoryBytes,
-      vcpus: 1,
+      vcpus: cfg.vcpus + 1,
       devices: [`${BLK_DEVICE} virtio-blk ${cfg.backend}:${cfg.backend === "file" ? cfg.disk : blk.diskBytes} serial=${serial} completion=${cfg.mode}`],
     });
     const setState = async (s: guest.RunState) => {
@@ -93,6 +108,13 @@ void runService({
         if (!p.size) p.size = Math.min(64 * 1024 * 1024, Math.floor(blk.diskBytes / p.numjobs / p.bs) * p.bs);
         const bad = checkFioParams(p, env);
         if (bad) throw new GrpcError(Status.INVALID_ARGUMENT, bad);
+        if (req.spinlock !== "" && !isLockKind(req.spinlock)) throw new GrpcError(Status.INVALID_ARGUMENT, `spinlock '${req.spinlock}' must be ticket or queue (or empty for the guest's ${cfg.spinlock.kind})`);
+        if (req.pvSpinlock !== "" && req.pvSpinlock !== "on" && req.pvSpinlock !== "off") throw new GrpcError(Status.INVALID_ARGUMENT, `pv_spinlock '${req.pvSpinlock}' must be on or off (or empty for the guest's setting)`);
+        const lockCfg: SpinlockConfig = {
+          kind: req.spinlock === "" ? cfg.spinlock.kind : req.spinlock,
+          pv: req.pvSpinlock === "" ? cfg.spinlock.pv : req.pvSpinlock === "on",
+          unfair: cfg.spinlock.unfair,
+        };
         if (fioBusy) throw new GrpcError(Status.FAILED_PRECONDITION, "a fio run is already in progress");
         fioBusy = true;
         // Watchdog: when requests stop completing, ask the device whether it entered
@@ -117,19 +139,20 @@ void runService({
             );
           }, 2000);
         });
+        // No vCPU is inside vq->lock between runs (the boot CPU takes it only synchronously):
+        // lay out a fresh one of this run's kind, so its statistics are this run's.
+        const { lock, space } = blk.vcpus.layOutLock(lockCfg);
+        blk.driver.lock = lock;
+        const parentCtx = context.active();
+        const sc = trace.getSpanContext(parentCtx);
+        const parent: TraceParent | null = sc && (sc.traceFlags & TraceFlags.SAMPLED) !== 0 ? { traceId: sc.traceId, traceFlags: sc.traceFlags } : null;
+        const t0 = performance.now();
         try {
-          const r = await Promise.race([
-            runFio(
-              p,
-              env,
-              (h) => {
-                workload = h;
-                return () => (workload = null);
-              },
-              vm,
-            ),
-            stalled,
-          ]);
+          const parts = await Promise.race([blk.vcpus.run(p, lockCfg, newRunId(), parent, traceEvery, p.runtimeMs > 0 ? Date.now() + p.runtimeMs : null), stalled]);
+          const r = mergeOutcome(parts, performance.now() - t0);
+          for (const part of parts) for (const rec of part.spans) recordRequestSpan(rec, parentCtx, vm);
+          const st = space.stats();
+          const vcpusUsed = Math.min(p.numjobs, cfg.vcpus) + 1;
           return {
             readIos: r.readIos,
             writeIos: r.writeIos,
@@ -141,7 +164,27 @@ void runService({
             verifyErrors: r.verifyErrors,
             verifyFailures: r.verifyFailures,
             runtimeMs: r.runtimeMs,
+            spinlock: {
+              kind: lockCfg.kind,
+              pv: lockCfg.pv,
+              unfair: lockCfg.unfair,
+              vcpus: vcpusUsed,
+              hostCores: GuestVcpus.hostCores(),
+              acquisitions: st.acquired,
+              slowpath: st.lockSlowpath,
+              spins: st.spins,
+              halts: st.haltQhead + st.haltQnode + st.ticketHalt,
+              kicks: st.kickCpu,
+              spuriousWakes: st.wakeSpurious,
+              kickNohalt: st.kickNohalt,
+              steals: st.steals,
+              haltedMs: st.haltedUs / 1000,
+            },
           };
+        } catch (e) {
+          // A stalled or failed run: the vCPUs stop waiting for completions that will not come.
+          blk.vcpus.abandon();
+          throw e;
         } finally {
           clearInterval(watch);
           fioBusy = false;

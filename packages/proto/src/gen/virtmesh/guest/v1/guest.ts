@@ -98,6 +98,43 @@ export interface FioRequest {
   /** "" or "crc32c" */
   verify: string;
   rwmixRead: number;
+  /**
+   * The guest spinlock guarding the virtqueue (vq->lock) for this run:
+   * "" = the guest's configured one, or "ticket" / "queue".
+   */
+  spinlock: string;
+  /** "" = configured, "on" = paravirtual (halt/kick), "off" = plain spinning. */
+  pvSpinlock: string;
+}
+
+/**
+ * The virtqueue lock during one fio run: what it was and what it did
+ * (seed 002's __queue_lockstat plus the kvm ticketlock's counters).
+ */
+export interface SpinlockStats {
+  /** ticket|queue */
+  kind: string;
+  pv: boolean;
+  unfair: boolean;
+  /** vCPU threads contending (fio jobs' vCPUs + the interrupt vCPU) */
+  vcpus: number;
+  hostCores: number;
+  acquisitions: number;
+  /** acquisitions that had to wait */
+  slowpath: number;
+  /** cpu_relax() iterations while waiting */
+  spins: number;
+  /** PV halts (queue head + queue node, or ticket halts) */
+  halts: number;
+  /** KVM_HC_KICK_CPU hypercalls */
+  kicks: number;
+  /** PV_WAKE_SPURIOUS */
+  spuriousWakes: number;
+  /** PV_KICK_NOHALT */
+  kickNohalt: number;
+  steals: number;
+  /** vCPU time spent halted in the lock */
+  haltedMs: number;
 }
 
 export interface FioResult {
@@ -111,6 +148,7 @@ export interface FioResult {
   verifyErrors: number;
   verifyFailures: string[];
   runtimeMs: number;
+  spinlock: SpinlockStats | undefined;
 }
 
 function createBaseEmpty(): Empty {
@@ -319,7 +357,18 @@ export const GuestState: MessageFns<GuestState> = {
 };
 
 function createBaseFioRequest(): FioRequest {
-  return { rw: "", blockSize: 0, iodepth: 0, numjobs: 0, sizeBytes: 0, runtimeMs: 0, verify: "", rwmixRead: 0 };
+  return {
+    rw: "",
+    blockSize: 0,
+    iodepth: 0,
+    numjobs: 0,
+    sizeBytes: 0,
+    runtimeMs: 0,
+    verify: "",
+    rwmixRead: 0,
+    spinlock: "",
+    pvSpinlock: "",
+  };
 }
 
 export const FioRequest: MessageFns<FioRequest> = {
@@ -347,6 +396,12 @@ export const FioRequest: MessageFns<FioRequest> = {
     }
     if (message.rwmixRead !== 0) {
       writer.uint32(64).uint32(message.rwmixRead);
+    }
+    if (message.spinlock !== "") {
+      writer.uint32(74).string(message.spinlock);
+    }
+    if (message.pvSpinlock !== "") {
+      writer.uint32(82).string(message.pvSpinlock);
     }
     return writer;
   },
@@ -428,6 +483,22 @@ export const FioRequest: MessageFns<FioRequest> = {
             message.rwmixRead = reader.uint32();
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.spinlock = reader.string();
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.pvSpinlock = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -466,6 +537,12 @@ export const FioRequest: MessageFns<FioRequest> = {
         : isSet(object.rwmix_read)
         ? globalThis.Number(object.rwmix_read)
         : 0,
+      spinlock: isSet(object.spinlock) ? globalThis.String(object.spinlock) : "",
+      pvSpinlock: isSet(object.pvSpinlock)
+        ? globalThis.String(object.pvSpinlock)
+        : isSet(object.pv_spinlock)
+        ? globalThis.String(object.pv_spinlock)
+        : "",
     };
   },
 
@@ -495,6 +572,12 @@ export const FioRequest: MessageFns<FioRequest> = {
     if (message.rwmixRead !== 0) {
       obj.rwmixRead = Math.round(message.rwmixRead);
     }
+    if (message.spinlock !== "") {
+      obj.spinlock = message.spinlock;
+    }
+    if (message.pvSpinlock !== "") {
+      obj.pvSpinlock = message.pvSpinlock;
+    }
     return obj;
   },
 
@@ -511,6 +594,316 @@ export const FioRequest: MessageFns<FioRequest> = {
     message.runtimeMs = object.runtimeMs ?? 0;
     message.verify = object.verify ?? "";
     message.rwmixRead = object.rwmixRead ?? 0;
+    message.spinlock = object.spinlock ?? "";
+    message.pvSpinlock = object.pvSpinlock ?? "";
+    return message;
+  },
+};
+
+function createBaseSpinlockStats(): SpinlockStats {
+  return {
+    kind: "",
+    pv: false,
+    unfair: false,
+    vcpus: 0,
+    hostCores: 0,
+    acquisitions: 0,
+    slowpath: 0,
+    spins: 0,
+    halts: 0,
+    kicks: 0,
+    spuriousWakes: 0,
+    kickNohalt: 0,
+    steals: 0,
+    haltedMs: 0,
+  };
+}
+
+export const SpinlockStats: MessageFns<SpinlockStats> = {
+  encode(message: SpinlockStats, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.kind !== "") {
+      writer.uint32(10).string(message.kind);
+    }
+    if (message.pv !== false) {
+      writer.uint32(16).bool(message.pv);
+    }
+    if (message.unfair !== false) {
+      writer.uint32(24).bool(message.unfair);
+    }
+    if (message.vcpus !== 0) {
+      writer.uint32(32).uint32(message.vcpus);
+    }
+    if (message.hostCores !== 0) {
+      writer.uint32(40).uint32(message.hostCores);
+    }
+    if (message.acquisitions !== 0) {
+      writer.uint32(48).uint64(message.acquisitions);
+    }
+    if (message.slowpath !== 0) {
+      writer.uint32(56).uint64(message.slowpath);
+    }
+    if (message.spins !== 0) {
+      writer.uint32(64).uint64(message.spins);
+    }
+    if (message.halts !== 0) {
+      writer.uint32(72).uint64(message.halts);
+    }
+    if (message.kicks !== 0) {
+      writer.uint32(80).uint64(message.kicks);
+    }
+    if (message.spuriousWakes !== 0) {
+      writer.uint32(88).uint64(message.spuriousWakes);
+    }
+    if (message.kickNohalt !== 0) {
+      writer.uint32(96).uint64(message.kickNohalt);
+    }
+    if (message.steals !== 0) {
+      writer.uint32(104).uint64(message.steals);
+    }
+    if (message.haltedMs !== 0) {
+      writer.uint32(113).double(message.haltedMs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SpinlockStats {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSpinlockStats();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.kind = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.pv = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.unfair = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.vcpus = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.hostCores = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.acquisitions = longToNumber(reader.uint64());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.slowpath = longToNumber(reader.uint64());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.spins = longToNumber(reader.uint64());
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.halts = longToNumber(reader.uint64());
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.kicks = longToNumber(reader.uint64());
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.spuriousWakes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.kickNohalt = longToNumber(reader.uint64());
+            continue;
+          }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.steals = longToNumber(reader.uint64());
+            continue;
+          }
+          case 14: {
+            if (tag !== 113) {
+              break;
+            }
+
+            message.haltedMs = reader.double();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SpinlockStats {
+    return {
+      kind: isSet(object.kind) ? globalThis.String(object.kind) : "",
+      pv: isSet(object.pv) ? globalThis.Boolean(object.pv) : false,
+      unfair: isSet(object.unfair) ? globalThis.Boolean(object.unfair) : false,
+      vcpus: isSet(object.vcpus) ? globalThis.Number(object.vcpus) : 0,
+      hostCores: isSet(object.hostCores)
+        ? globalThis.Number(object.hostCores)
+        : isSet(object.host_cores)
+        ? globalThis.Number(object.host_cores)
+        : 0,
+      acquisitions: isSet(object.acquisitions) ? globalThis.Number(object.acquisitions) : 0,
+      slowpath: isSet(object.slowpath) ? globalThis.Number(object.slowpath) : 0,
+      spins: isSet(object.spins) ? globalThis.Number(object.spins) : 0,
+      halts: isSet(object.halts) ? globalThis.Number(object.halts) : 0,
+      kicks: isSet(object.kicks) ? globalThis.Number(object.kicks) : 0,
+      spuriousWakes: isSet(object.spuriousWakes)
+        ? globalThis.Number(object.spuriousWakes)
+        : isSet(object.spurious_wakes)
+        ? globalThis.Number(object.spurious_wakes)
+        : 0,
+      kickNohalt: isSet(object.kickNohalt)
+        ? globalThis.Number(object.kickNohalt)
+        : isSet(object.kick_nohalt)
+        ? globalThis.Number(object.kick_nohalt)
+        : 0,
+      steals: isSet(object.steals) ? globalThis.Number(object.steals) : 0,
+      haltedMs: isSet(object.haltedMs)
+        ? globalThis.Number(object.haltedMs)
+        : isSet(object.halted_ms)
+        ? globalThis.Number(object.halted_ms)
+        : 0,
+    };
+  },
+
+  toJSON(message: SpinlockStats): unknown {
+    const obj: any = {};
+    if (message.kind !== "") {
+      obj.kind = message.kind;
+    }
+    if (message.pv !== false) {
+      obj.pv = message.pv;
+    }
+    if (message.unfair !== false) {
+      obj.unfair = message.unfair;
+    }
+    if (message.vcpus !== 0) {
+      obj.vcpus = Math.round(message.vcpus);
+    }
+    if (message.hostCores !== 0) {
+      obj.hostCores = Math.round(message.hostCores);
+    }
+    if (message.acquisitions !== 0) {
+      obj.acquisitions = Math.round(message.acquisitions);
+    }
+    if (message.slowpath !== 0) {
+      obj.slowpath = Math.round(message.slowpath);
+    }
+    if (message.spins !== 0) {
+      obj.spins = Math.round(message.spins);
+    }
+    if (message.halts !== 0) {
+      obj.halts = Math.round(message.halts);
+    }
+    if (message.kicks !== 0) {
+      obj.kicks = Math.round(message.kicks);
+    }
+    if (message.spuriousWakes !== 0) {
+      obj.spuriousWakes = Math.round(message.spuriousWakes);
+    }
+    if (message.kickNohalt !== 0) {
+      obj.kickNohalt = Math.round(message.kickNohalt);
+    }
+    if (message.steals !== 0) {
+      obj.steals = Math.round(message.steals);
+    }
+    if (message.haltedMs !== 0) {
+      obj.haltedMs = floatToJson(message.haltedMs);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SpinlockStats>): SpinlockStats {
+    return SpinlockStats.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SpinlockStats>): SpinlockStats {
+    const message = createBaseSpinlockStats();
+    message.kind = object.kind ?? "";
+    message.pv = object.pv ?? false;
+    message.unfair = object.unfair ?? false;
+    message.vcpus = object.vcpus ?? 0;
+    message.hostCores = object.hostCores ?? 0;
+    message.acquisitions = object.acquisitions ?? 0;
+    message.slowpath = object.slowpath ?? 0;
+    message.spins = object.spins ?? 0;
+    message.halts = object.halts ?? 0;
+    message.kicks = object.kicks ?? 0;
+    message.spuriousWakes = object.spuriousWakes ?? 0;
+    message.kickNohalt = object.kickNohalt ?? 0;
+    message.steals = object.steals ?? 0;
+    message.haltedMs = object.haltedMs ?? 0;
     return message;
   },
 };
@@ -527,6 +920,7 @@ function createBaseFioResult(): FioResult {
     verifyErrors: 0,
     verifyFailures: [],
     runtimeMs: 0,
+    spinlock: undefined,
   };
 }
 
@@ -561,6 +955,9 @@ export const FioResult: MessageFns<FioResult> = {
     }
     if (message.runtimeMs !== 0) {
       writer.uint32(80).uint64(message.runtimeMs);
+    }
+    if (message.spinlock !== undefined) {
+      SpinlockStats.encode(message.spinlock, writer.uint32(90).fork()).join();
     }
     return writer;
   },
@@ -658,6 +1055,14 @@ export const FioResult: MessageFns<FioResult> = {
             message.runtimeMs = longToNumber(reader.uint64());
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.spinlock = SpinlockStats.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -718,6 +1123,7 @@ export const FioResult: MessageFns<FioResult> = {
         : isSet(object.runtime_ms)
         ? globalThis.Number(object.runtime_ms)
         : 0,
+      spinlock: isSet(object.spinlock) ? SpinlockStats.fromJSON(object.spinlock) : undefined,
     };
   },
 
@@ -753,6 +1159,9 @@ export const FioResult: MessageFns<FioResult> = {
     if (message.runtimeMs !== 0) {
       obj.runtimeMs = Math.round(message.runtimeMs);
     }
+    if (message.spinlock !== undefined) {
+      obj.spinlock = SpinlockStats.toJSON(message.spinlock);
+    }
     return obj;
   },
 
@@ -771,6 +1180,9 @@ export const FioResult: MessageFns<FioResult> = {
     message.verifyErrors = object.verifyErrors ?? 0;
     message.verifyFailures = object.verifyFailures?.map((e) => e) || [];
     message.runtimeMs = object.runtimeMs ?? 0;
+    message.spinlock = (object.spinlock !== undefined && object.spinlock !== null)
+      ? SpinlockStats.fromPartial(object.spinlock)
+      : undefined;
     return message;
   },
 };

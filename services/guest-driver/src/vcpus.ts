@@ -1,0 +1,173 @@
+// The guest's vCPUs: worker threads (vcpu-worker.ts) that run fio jobs, one
+// job per vCPU in turn, possibly more of them than the host has cores. The
+// boot CPU (this thread, cpu 0) lays out vq->lock for each run, takes the
+// device's interrupts and posts each completion to the vCPU that issued it.
+import { availableParallelism } from "node:os";
+import { join } from "node:path";
+import { Worker } from "node:worker_threads";
+import { LockSpace, lockFromSpace, type GuestLock, type LockStats } from "@virtmesh/qspinlock";
+import type { FioParams, FioPartial, TraceParent } from "./fio";
+import { CTL_STOP, GuestKernel, postCompletion, resetMailboxes } from "./kernel";
+import type { SpinlockConfig, VcpuBoot, VcpuReply, VcpuRun } from "./vcpu-protocol";
+
+const WORKER_FILE = join(__dirname, "vcpu-worker.ts");
+// tsx registers itself per thread: a worker loads it before the .ts entry.
+const BOOTSTRAP = `require(${JSON.stringify(require.resolve("tsx/cjs"))}); require(${JSON.stringify(WORKER_FILE)});`;
+
+export interface VcpuRunResult {
+  partials: FioPartial[];
+  lock: LockStats;
+  vcpus: number;
+}
+
+interface Pending {
+  gen: number;
+  want: number;
+  parts: FioPartial[];
+  resolve: (r: FioPartial[]) => void;
+  reject: (e: Error) => void;
+}
+
+export class GuestVcpus {
+  private readonly workers = new Map<number, Worker>();
+  private readonly starting = new Map<number, Promise<void>>();
+  private pending: Pending | null = null;
+  private gen = 0;
+  /** Slot -> vCPU whose job owns it (0: none). */
+  private readonly owner: Int32Array;
+  private closed = false;
+
+  constructor(
+    readonly kernel: GuestKernel,
+    private readonly boot: Omit<VcpuBoot, "cpu">,
+  ) {
+    this.owner = new Int32Array(kernel.geom.slots);
+  }
+
+  get count(): number {
+    return this.kernel.geom.vcpus;
+  }
+
+  /** A lock handle for the boot CPU on the lock space laid out now (a fresh one: statistics start at 0). */
+  layOutLock(cfg: SpinlockConfig): { lock: GuestLock; space: LockSpace } {
+    const space = LockSpace.init(this.kernel.sab, this.kernel.lockOffset, { maxCpus: this.kernel.geom.vcpus + 1, nrLocks: 1 });
+    return { lock: lockFromSpace(space, 0, cfg.kind, cfg.pv, { unfair: cfg.unfair }), space };
+  }
+
+  /** The interrupt handler's routing of a workload completion (called under vq->lock). */
+  complete(slot: number, status: number): boolean {
+    const cpu = this.owner[slot] ?? 0;
+    if (cpu === 0) return false;
+    postCompletion(this.kernel, cpu, slot, status);
+    return true;
+  }
+
+  private start(cpu: number): Promise<void> {
+    const have = this.starting.get(cpu);
+    if (have) return have;
+    const p = new Promise<void>((resolve, reject) => {
+      const data: VcpuBoot = { ...this.boot, cpu };
+      const w = new Worker(BOOTSTRAP, { eval: true, workerData: data });
+      this.workers.set(cpu, w);
+      w.on("message", (m: VcpuReply) => {
+        if (m.type === "ready") return resolve();
+        const run = this.pending;
+        if (!run || m.gen !== run.gen) return;
+        if (m.type === "error") {
+          this.pending = null;
+          Atomics.store(this.kernel.ctl, CTL_STOP, 1); // the others stop waiting
+          run.reject(new Error(`vCPU ${m.cpu}: ${m.message}`));
+          return;
+        }
+        run.parts.push(m.partial);
+        if (run.parts.length === run.want) {
+          this.pending = null;
+          run.resolve(run.parts);
+        }
+      });
+      w.on("error", (e: Error) => {
+        reject(e);
+        this.fail(cpu, `vCPU ${cpu} crashed: ${e.message}`);
+      });
+      w.on("exit", (code) => {
+        this.workers.delete(cpu);
+        this.starting.delete(cpu);
+        reject(new Error(`vCPU ${cpu} exited with code ${code}`));
+        if (!this.closed) this.fail(cpu, `vCPU ${cpu} exited with code ${code}`);
+      });
+    });
+    this.starting.set(cpu, p);
+    return p;
+  }
+
+  private fail(_cpu: number, msg: string): void {
+    const run = this.pending;
+    if (!run) return;
+    this.pending = null;
+    Atomics.store(this.kernel.ctl, CTL_STOP, 1);
+    run.reject(new Error(msg));
+  }
+
+  /**
+   * Runs fio jobs 0..numjobs-1 on vCPUs 1..min(numjobs, count), job j on vCPU
+   * 1 + j % that, under the lock `lock` (laid out by the caller with
+   * layOutLock, on no vCPU yet). Resolves with every vCPU's report.
+   */
+  async run(p: FioParams, lock: SpinlockConfig, runId: number, parent: TraceParent | null, traceEvery: number, deadlineEpochMs: number | null): Promise<FioPartial[]> {
+    if (this.closed) throw new Error("the guest's vCPUs are shut down");
+    if (this.pending) throw new Error("a vCPU run is already in progress");
+    const n = Math.min(p.numjobs, this.count);
+    const cpus = Array.from({ length: n }, (_, i) => i + 1);
+    await Promise.all(cpus.map((c) => this.start(c)));
+    resetMailboxes(this.kernel);
+    this.owner.fill(0);
+    const jobsOf = new Map<number, number[]>(cpus.map((c) => [c, []]));
+    for (let j = 0; j < p.numjobs; j++) {
+      const cpu = 1 + (j % n);
+      jobsOf.get(cpu)!.push(j);
+      for (let s = j * p.iodepth; s < (j + 1) * p.iodepth; s++) this.owner[s] = cpu;
+    }
+    const gen = ++this.gen;
+    const done = new Promise<FioPartial[]>((resolve, reject) => {
+      this.pending = { gen, want: n, parts: [], resolve, reject };
+    });
+    for (const cpu of cpus) {
+      const m: VcpuRun = { type: "run", gen, params: p, jobs: jobsOf.get(cpu)!, runId, parent, traceEvery, deadlineEpochMs, lock };
+      this.workers.get(cpu)!.postMessage(m);
+    }
+    try {
+      return await done;
+    } finally {
+      this.owner.fill(0);
+    }
+  }
+
+  /** Abandons the current run: vCPUs stop waiting for completions and report what they have. */
+  abandon(): void {
+    Atomics.store(this.kernel.ctl, CTL_STOP, 1);
+  }
+
+  /** Host cores the vCPU threads share. */
+  static hostCores(): number {
+    return availableParallelism();
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    this.abandon();
+    const ws = [...this.workers.values()];
+    await Promise.all(
+      ws.map(
+        (w) =>
+          new Promise<void>((resolve) => {
+            const t = setTimeout(() => void w.terminate().then(() => resolve()), 2000);
+            w.once("exit", () => {
+              clearTimeout(t);
+              resolve();
+            });
+            w.postMessage({ type: "exit" });
+          }),
+      ),
+    );
+  }
+}
