@@ -1,5 +1,5 @@
 // virtmesh bench <name> [--quick] [--json FILE]
-import { formatTable, writeBenchJson, type BenchResult } from "@virtmesh/bench";
+import { formatTable, writeBenchJson, type BenchResult, type BenchRow } from "@virtmesh/bench";
 import { UsageError, type Values } from "./main";
 
 type Runner = (opts: { quick: boolean; onProgress?: (line: string) => void }) => Promise<BenchResult>;
@@ -11,11 +11,30 @@ const BENCHES: Record<string, () => Runner> = {
   // scheduler-only bench, runIobandBench, stays as a library function).
   ioband: () => (require("./bench-ioband/ioband") as typeof import("./bench-ioband/ioband")).runIobandLiveBench,
   balloon: () => (require("@virtmesh/balloon") as typeof import("@virtmesh/balloon")).runBalloonBench,
-  qspinlock: () => (require("@virtmesh/qspinlock") as typeof import("@virtmesh/qspinlock")).runQspinlockBench,
+  // The seed's table on vCPU threads (the package), then the guest's I/O path under its lock (a live stack).
+  qspinlock: () => (require("./bench-qspinlock/qspinlock") as typeof import("./bench-qspinlock/qspinlock")).runQspinlockFullBench,
   "vhost-blk": () => (require("./bench-vhost-blk/vhost-blk") as typeof import("./bench-vhost-blk/vhost-blk")).runVhostBlkBench,
 };
 
 export const BENCH_NAMES = Object.keys(BENCHES);
+
+/** One table per run of rows with the same columns (a bench's sections may differ). */
+function tables(rows: BenchRow[]): string {
+  const out: string[] = [];
+  let group: BenchRow[] = [];
+  let cols = "";
+  for (const r of rows) {
+    const c = Object.keys(r).join(",");
+    if (group.length > 0 && c !== cols) {
+      out.push(formatTable(group));
+      group = [];
+    }
+    cols = c;
+    group.push(r);
+  }
+  if (group.length > 0 || out.length === 0) out.push(formatTable(group));
+  return out.join("\n\n");
+}
 
 export async function bench(v: Values, pos: string[]): Promise<number> {
   const name = pos[0];
@@ -26,7 +45,7 @@ export async function bench(v: Values, pos: string[]): Promise<number> {
   const load = BENCHES[name]!;
   const run = load();
   const result = await run({ quick: v.quick === true, onProgress: (l) => process.stderr.write(`${l}\n`) });
-  process.stdout.write(`${result.bench}\n${formatTable(result.rows)}\n\nsummary: ${JSON.stringify(result.summary)}\nreference: ${JSON.stringify(result.reference)}\n`);
+  process.stdout.write(`${result.bench}\n${tables(result.rows)}\n\nsummary: ${JSON.stringify(result.summary)}\nreference: ${JSON.stringify(result.reference)}\n`);
   if (typeof v.json === "string") writeBenchJson(v.json, result);
   return 0;
 }
