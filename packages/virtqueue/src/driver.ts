@@ -200,6 +200,14 @@ export class DriverQueue {
     return this.st[ST_FREE]!;
   }
 
+  /**
+   * The head the next add() will use, or -1 if no descriptor is free: lets a
+   * driver fill per-head side data before the chain becomes visible.
+   */
+  get nextHead(): number {
+    return this.st[ST_FREE]! > 0 ? this.st[ST_FREE_HEAD]! : -1;
+  }
+
   /** Chains added and not yet taken back from the used ring. */
   get outstanding(): number {
     return (this.st[ST_AVAIL_SHADOW]! - this.st[ST_LAST_USED]!) & 0xffff;

@@ -21,9 +21,8 @@ const ctl = new Int32Array(p.ctl);
 const mem = new GuestMemory(p.mem);
 const dq = new DriverQueue(mem, p.cfg, { sharedState: { buffer: p.state, byteOffset: 0, attach: true } });
 const lock = (): void => {
-  while (Atomics.compareExchange(ctl, 0, 0, 1) !== 0) {
-    /* spin */
-  }
+  // Spin a little, then back off: four threads on two cores must not starve the device thread.
+  for (let n = 0; Atomics.compareExchange(ctl, 0, 0, 1) !== 0; n++) if (n > 64) Atomics.wait(ctl, 0, 1, 0.02);
 };
 const unlock = (): void => {
   Atomics.store(ctl, 0, 0);

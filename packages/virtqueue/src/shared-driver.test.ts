@@ -28,13 +28,14 @@ function setup(size: number, eventIdx: boolean) {
 for (const eventIdx of [false, true]) {
   test(`three threads share one driver queue under a lock (EVENT_IDX ${eventIdx ? "on" : "off"})`, async () => {
     const size = 16;
-    const requests = 2000;
+    const requests = 1000;
     const { mem, gm, cfg, state, dq, device } = setup(size, eventIdx);
     const ctl = new SharedArrayBuffer(16);
     const c = new Int32Array(ctl);
     const workers: Worker[] = [];
     const exited: Array<Promise<void>> = [];
     let stopping = false;
+    let failed: Error | null = null;
     try {
       for (let id = 0; id < 3; id++) {
         const data: SharedDriverPeer = { mem, state, cfg, ctl, id, requests, dataAddr: 1 << 16 };
@@ -42,7 +43,10 @@ for (const eventIdx of [false, true]) {
         workers.push(w);
         exited.push(
           new Promise((resolve, reject) => {
-            w.once("error", reject);
+            w.once("error", (e) => {
+              failed = e;
+              reject(e);
+            });
             w.once("exit", (code) => (code === 0 || stopping ? resolve() : reject(new Error(`worker exited with ${code}`))));
           }),
         );
@@ -54,6 +58,7 @@ for (const eventIdx of [false, true]) {
       const deadline = Date.now() + 60_000;
       while (served < total) {
         const r = device.pop(chain);
+        if (failed) throw failed;
         if (r === null) {
           if (Date.now() > deadline) throw new Error(`device served ${served} of ${total}`);
           await new Promise((res) => setImmediate(res));

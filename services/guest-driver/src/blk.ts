@@ -153,16 +153,17 @@ export class VirtioBlkDriver {
     let head = -1;
     lock.lock(cpu);
     try {
+      // A sampled request's context goes into its head's trace slot before add()
+      // publishes the chain, so the device finds it when it pops the head.
+      const traced = this.nextTraceId !== "" && this.traceRing !== null ? this.dq.nextHead : -1;
+      if (traced >= 0) this.traceRing!.writeGuestTrace(traced, this.nextTraceId, this.nextSpanId, this.nextTraceFlags);
       head = this.dq.add(readable, writable);
       if (head >= 0) {
         // Before the unlock: the interrupt handler maps the head back under the same lock.
         this.headToSlot[head] = slot;
         this.slotHead[slot] = head;
-        if (this.nextTraceId !== "") {
-          this.traceRing?.writeGuestTrace(head, this.nextTraceId, this.nextSpanId, this.nextTraceFlags);
-          this.slotTraced[slot] = 1;
-        }
-      }
+        if (traced >= 0) this.slotTraced[slot] = 1;
+      } else if (traced >= 0) this.traceRing!.clearTrace(traced);
     } finally {
       lock.unlock(cpu);
       this.nextTraceId = "";

@@ -208,6 +208,8 @@ export async function bootBlk(ctx: ServiceContext, vm: string, cfg: BlkConfig): 
   const driver = new VirtioBlkDriver(mem, dq, kick, call, reqArea, slots, kernel, 0, vcpus.layOutLock(cfg.spinlock).lock);
   driver.traceRing = CompletionRing.open(cringMap.buffer);
   driver.start();
+  // Bring the first vCPU up now (a fio job's home unless numjobs > 1); the rest start on demand.
+  vcpus.prestart(1).catch((e: Error) => ctx.logger.warn(`vCPU 1 did not start: ${e.message}`));
 
   return {
     cfg,

@@ -46,6 +46,8 @@ export interface FioOutcome {
 }
 
 export const MAX_REPORTED_FAILURES = 100;
+/** Blocks one job may cover: it keeps a generation, a busy flag and an order entry per block. */
+export const MAX_BLOCKS_PER_JOB = 1 << 22;
 /** Sampled requests one vCPU keeps per run for the RunFio trace. */
 export const MAX_SAMPLED_REQUESTS = 1000;
 
@@ -81,7 +83,20 @@ export interface FioPartial {
   spans: SampledRequest[];
   /** The run was abandoned (CTL_STOP) before its jobs finished. */
   stopped: boolean;
+  /** Requests still in flight when this vCPU gave up draining an abandoned run (0 normally). */
+  inflight: number;
 }
+
+/** How a vCPU gets its completions (slot << 8 | status). */
+export interface CompletionSource {
+  /** Halts until the next one; -1 when the run is abandoned. */
+  next(): number;
+  /** The next one, or -1 at performance.now() time untilMs (draining an abandoned run). */
+  drain(untilMs: number): number;
+}
+
+/** How long an abandoned run waits for its in-flight requests before it reports them lost. */
+export const DRAIN_MS = 5000;
 
 export interface FioEnv {
   driver: VirtioBlkDriver;
@@ -108,6 +123,7 @@ export function checkFioParams(p: FioParams, env: FioEnv): string | null {
   if (p.iodepth * p.numjobs > env.slots) return `iodepth x numjobs = ${p.iodepth * p.numjobs} exceeds the ${env.slots} requests the queue can hold`;
   if (!(Number.isSafeInteger(p.size) && p.size >= p.bs && p.size % p.bs === 0)) return `size ${p.size} must be a positive multiple of bs ${p.bs}`;
   if (p.size * p.numjobs > env.diskBytes) return `numjobs x size = ${p.size * p.numjobs} exceeds the disk's ${env.diskBytes} bytes`;
+  if (p.size / p.bs > MAX_BLOCKS_PER_JOB) return `size / bs = ${p.size / p.bs} blocks per job exceeds ${MAX_BLOCKS_PER_JOB} (a job keeps state per block): use a larger bs or a smaller size`;
   if (p.verify !== "" && p.verify !== "crc32c") return `verify '${p.verify}' is not crc32c`;
   if (!(p.rwmixRead >= 0 && p.rwmixRead <= 100)) return `rwmix_read ${p.rwmixRead} must be in [0, 100]`;
   if (!(p.runtimeMs >= 0)) return `runtime ${p.runtimeMs} must be >= 0`;
@@ -368,11 +384,12 @@ export function newRunId(): number {
 
 /**
  * Runs fio jobs `jobIndexes` on this vCPU until they finish: submits through
- * env.driver and takes each completion (slot << 8 | status) from `next`, which
- * halts the vCPU until one arrives and returns -1 if the run is abandoned.
+ * env.driver and takes each completion from `src`. If the run is abandoned,
+ * issues nothing more and waits (up to DRAIN_MS) for what is in flight, so no
+ * request of this run is still using its slot when the next run starts.
  * `deadlineMs` is this thread's performance.now() at which runtime ends.
  */
-export function runJobs(p: FioParams, env: FioEnv, jobIndexes: readonly number[], runId: number, parent: TraceParent | null, deadlineMs: number, next: () => number): FioPartial {
+export function runJobs(p: FioParams, env: FioEnv, jobIndexes: readonly number[], runId: number, parent: TraceParent | null, deadlineMs: number, src: CompletionSource): FioPartial {
   const run = new Run(p, env, runId, parent, deadlineMs);
   const jobs = new Map<number, Job>();
   for (const j of jobIndexes) jobs.set(j, new Job(run, j, j * p.iodepth));
@@ -383,7 +400,7 @@ export function runJobs(p: FioParams, env: FioEnv, jobIndexes: readonly number[]
   }
   let stopped = false;
   while (active > 0) {
-    const c = next();
+    const c = src.next();
     if (c < 0) {
       stopped = true;
       break;
@@ -393,6 +410,20 @@ export function runJobs(p: FioParams, env: FioEnv, jobIndexes: readonly number[]
     if (job === undefined || job.done) throw new Error(`completion for slot ${slot}, which no running job of this vCPU owns`);
     job.complete(slot % p.iodepth, c & 0xff);
     if (job.done) active--;
+  }
+  let inflight = 0;
+  for (const job of jobs.values()) inflight += job.inflight;
+  if (stopped) {
+    const until = performance.now() + DRAIN_MS;
+    while (inflight > 0) {
+      const c = src.drain(until);
+      if (c < 0) break;
+      const job = jobs.get(jobOfSlot(p, c >>> 8));
+      if (job !== undefined && job.inflight > 0) {
+        job.inflight--;
+        inflight--;
+      }
+    }
   }
   return {
     readIos: run.readIos,
@@ -404,6 +435,7 @@ export function runJobs(p: FioParams, env: FioEnv, jobIndexes: readonly number[]
     hist: run.hist.encode(),
     spans: run.spans,
     stopped,
+    inflight,
   };
 }
 

@@ -4,6 +4,7 @@
 // (the IPI that blk-mq sends to complete a request on the CPU that issued it).
 // One SharedArrayBuffer, private to this process: the device never sees it.
 import { guestLockBytes } from "@virtmesh/qspinlock";
+import { performance } from "node:perf_hooks";
 import { driverStateBytes } from "@virtmesh/virtqueue";
 
 export interface KernelGeometry {
@@ -83,6 +84,11 @@ export class GuestKernel {
   }
 }
 
+// A mailbox is a ring of mbCapacity entries; MB_HEAD and MB_TAIL are indexes
+// in [0, mbCapacity) (empty when equal). A vCPU has at most `slots` requests in
+// flight, one fewer than the capacity, so it never fills.
+const nextIndex = (i: number, cap: number): number => (i + 1 === cap ? 0 : i + 1);
+
 /**
  * The interrupt handler's side of a vCPU mailbox: queue a completion
  * (slot, status) and send the IPI if the vCPU is waiting. Single producer.
@@ -91,10 +97,10 @@ export function postCompletion(k: GuestKernel, cpu: number, slot: number, status
   const w = k.words;
   const mb = k.mailbox(cpu);
   const head = w[mb + MB_HEAD]!;
-  w[mb + MB_HDR_WORDS + (head % k.mbCapacity)] = (slot << 8) | (status & 0xff);
+  w[mb + MB_HDR_WORDS + head] = (slot << 8) | (status & 0xff);
   // Seq-cst store of head, then seq-cst load of SLEEPING: with the vCPU's
   // store-SLEEPING-then-load-head this cannot lose a wake-up.
-  Atomics.store(w, mb + MB_HEAD, (head + 1) | 0);
+  Atomics.store(w, mb + MB_HEAD, nextIndex(head, k.mbCapacity));
   if (Atomics.load(w, mb + MB_SLEEPING) !== 0) Atomics.notify(w, mb + MB_HEAD, 1);
 }
 
@@ -105,35 +111,35 @@ export const MAILBOX_EMPTY = -2;
 export function pollCompletion(k: GuestKernel, cpu: number): number {
   const w = k.words;
   const mb = k.mailbox(cpu);
-  const tail = w[mb + MB_TAIL]!;
+  const tail = Atomics.load(w, mb + MB_TAIL);
   if (Atomics.load(w, mb + MB_HEAD) === tail) return MAILBOX_EMPTY;
-  const e = w[mb + MB_HDR_WORDS + (tail % k.mbCapacity)]!;
-  Atomics.store(w, mb + MB_TAIL, (tail + 1) | 0);
+  const e = w[mb + MB_HDR_WORDS + tail]!;
+  Atomics.store(w, mb + MB_TAIL, nextIndex(tail, k.mbCapacity));
   return e;
 }
 
 /**
  * The vCPU's side: the next completion (slot << 8 | status) for vCPU cpu,
- * halting until one arrives; -1 once CTL_STOP is set.
+ * halting until one arrives. Returns -1 once CTL_STOP is set, or, when
+ * `untilMs` (a performance.now() time) is given, ignores CTL_STOP and returns
+ * -1 at that time instead: an abandoned run draining what it has in flight.
  */
-export function takeCompletion(k: GuestKernel, cpu: number): number {
+export function takeCompletion(k: GuestKernel, cpu: number, untilMs = 0): number {
   const w = k.words;
   const mb = k.mailbox(cpu);
-  const tail = w[mb + MB_TAIL]!;
   for (;;) {
-    let head = Atomics.load(w, mb + MB_HEAD);
-    if (head === tail) {
-      if (Atomics.load(k.ctl, CTL_STOP) !== 0) return -1;
-      // Idle: HLT until the IPI (re-check after announcing it, see postCompletion).
-      Atomics.store(w, mb + MB_SLEEPING, 1);
-      head = Atomics.load(w, mb + MB_HEAD);
-      if (head === tail) Atomics.wait(w, mb + MB_HEAD, tail, 100);
-      Atomics.store(w, mb + MB_SLEEPING, 0);
-      continue;
-    }
-    const e = w[mb + MB_HDR_WORDS + (tail % k.mbCapacity)]!;
-    Atomics.store(w, mb + MB_TAIL, (tail + 1) | 0);
-    return e;
+    const c = pollCompletion(k, cpu);
+    if (c !== MAILBOX_EMPTY) return c;
+    let waitMs = 100;
+    if (untilMs > 0) {
+      waitMs = Math.min(waitMs, untilMs - performance.now());
+      if (waitMs <= 0) return -1;
+    } else if (Atomics.load(k.ctl, CTL_STOP) !== 0) return -1;
+    // Idle: HLT until the IPI (re-check after announcing it, see postCompletion).
+    const tail = Atomics.load(w, mb + MB_TAIL);
+    Atomics.store(w, mb + MB_SLEEPING, 1);
+    if (Atomics.load(w, mb + MB_HEAD) === tail) Atomics.wait(w, mb + MB_HEAD, tail, waitMs);
+    Atomics.store(w, mb + MB_SLEEPING, 0);
   }
 }
 

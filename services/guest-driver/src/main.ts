@@ -10,7 +10,7 @@ import { VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID } from "@virt
 import { blkConfig, bootBlk, BLK_DEVICE, type BlkDevice } from "./boot";
 import { checkFioParams, mergeOutcome, newRunId, type FioParams, type RwMode, type SampledRequest, type TraceParent } from "./fio";
 import type { SpinlockConfig } from "./vcpu-protocol";
-import { GuestVcpus } from "./vcpus";
+import { GuestVcpus, VcpuRunError } from "./vcpus";
 import { createGuestAllocator, startGuestBalloon } from "./balloon";
 
 /** The guest span of a sampled request, under the span id its vCPU already gave the host. */
@@ -102,7 +102,7 @@ void runService({
           size: req.sizeBytes,
           runtimeMs: req.runtimeMs,
           verify: req.verify as FioParams["verify"],
-          rwmixRead: req.rwmixRead || 50,
+          rwmixRead: req.rwmixRead,
         };
         const env = { driver: blk.driver, dataBase: blk.dataBase, maxBs: cfg.maxBs, slots: blk.slots - 1, diskBytes: blk.diskBytes, traceEvery };
         if (!p.size) p.size = Math.min(64 * 1024 * 1024, Math.floor(blk.diskBytes / p.numjobs / p.bs) * p.bs);
@@ -123,6 +123,11 @@ void runService({
         const stalled = new Promise<never>((_, reject) => {
           let seen = -1;
           watch = setInterval(() => {
+            if (blk.driver.failure) {
+              // The interrupt handler stopped on a device that broke the used ring protocol.
+              reject(new GrpcError(Status.FAILED_PRECONDITION, `${BLK_DEVICE} is broken: ${blk.driver.failure.message}`));
+              return;
+            }
             const now = blk.driver.completed;
             if (now !== seen) {
               seen = now;
@@ -139,17 +144,26 @@ void runService({
             );
           }, 2000);
         });
-        // No vCPU is inside vq->lock between runs (the boot CPU takes it only synchronously):
-        // lay out a fresh one of this run's kind, so its statistics are this run's.
+        // No vCPU is inside vq->lock between runs (a run settles only when all its vCPUs
+        // have stopped; the boot CPU takes the lock only synchronously): lay out a fresh
+        // one of this run's kind, so its statistics are this run's.
         const { lock, space } = blk.vcpus.layOutLock(lockCfg);
         blk.driver.lock = lock;
         const parentCtx = context.active();
         const sc = trace.getSpanContext(parentCtx);
         const parent: TraceParent | null = sc && (sc.traceFlags & TraceFlags.SAMPLED) !== 0 ? { traceId: sc.traceId, traceFlags: sc.traceFlags } : null;
-        const t0 = performance.now();
+        const running = blk.vcpus.run(p, lockCfg, newRunId(), parent, traceEvery);
+        // The next run may start only once every vCPU of this one has stopped, even if this call fails first.
+        running.then(
+          () => (fioBusy = false),
+          () => (fioBusy = false),
+        );
         try {
-          const parts = await Promise.race([blk.vcpus.run(p, lockCfg, newRunId(), parent, traceEvery, p.runtimeMs > 0 ? Date.now() + p.runtimeMs : null), stalled]);
-          const r = mergeOutcome(parts, performance.now() - t0);
+          const { partials: parts, elapsedMs } = await Promise.race([running, stalled]);
+          const left = parts.reduce((a, x) => a + x.inflight, 0);
+          if (left > 0) broken = `${left} requests of an abandoned fio run never completed`;
+          if (parts.some((x) => x.stopped)) throw new GrpcError(Status.ABORTED, `the fio run was stopped before it finished (${(state as guest.RunState) === guest.RunState.RUN_STATE_STOPPED ? "the guest is shutting down" : "abandoned"})`);
+          const r = mergeOutcome(parts, elapsedMs);
           for (const part of parts) for (const rec of part.spans) recordRequestSpan(rec, parentCtx, vm);
           const st = space.stats();
           const vcpusUsed = Math.min(p.numjobs, cfg.vcpus) + 1;
@@ -182,12 +196,16 @@ void runService({
             },
           };
         } catch (e) {
-          // A stalled or failed run: the vCPUs stop waiting for completions that will not come.
+          // A stalled or failed run: the vCPUs stop issuing and drain what they can.
           blk.vcpus.abandon();
+          if (e instanceof VcpuRunError) {
+            // A vCPU died or threw mid-run: its requests' fate is unknown. Refuse further runs.
+            broken = e.message;
+            throw new GrpcError(Status.INTERNAL, `fio failed on a guest vCPU: ${e.message}`);
+          }
           throw e;
         } finally {
           clearInterval(watch);
-          fioBusy = false;
         }
       }),
     });
@@ -195,6 +213,7 @@ void runService({
     return {
       async stop() {
         state = guest.RunState.RUN_STATE_STOPPED;
+        blk.vcpus.abandon(); // a running fio stops issuing, drains and reports ABORTED
         await balloon.stop();
         await blk.shutdown();
         await ctx.registry.putVm({ vm, host: ctx.config.host, state: "RUN_STATE_STOPPED" }).catch(() => undefined);

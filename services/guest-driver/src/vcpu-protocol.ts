@@ -17,7 +17,7 @@ export interface VcpuBoot {
   reqArea: number;
   dataBase: number;
   maxBs: number;
-  /** Workload slots (the control slot excluded). */
+  /** Request slots of the blk driver, the control slot (the last) included. */
   slots: number;
   diskBytes: number;
   /** The completion ring file whose per-head trace slots carry sampled requests, or null. */

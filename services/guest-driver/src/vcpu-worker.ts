@@ -30,14 +30,20 @@ const driver = new VirtioBlkDriver(mem, dq, kick, null, boot.reqArea, boot.slots
 const cringMap = boot.completionRing ? mapFile(boot.completionRing.path, boot.completionRing.bytes) : null;
 if (cringMap) driver.traceRing = CompletionRing.open(cringMap.buffer);
 
-const env = { driver, dataBase: boot.dataBase, maxBs: boot.maxBs, slots: boot.slots, diskBytes: boot.diskBytes, traceEvery: 0 };
+const env = { driver, dataBase: boot.dataBase, maxBs: boot.maxBs, slots: boot.slots - 1, diskBytes: boot.diskBytes, traceEvery: 0 };
 // Before the vCPU halts for its next completion, it kicks the device for what it
 // queued since the last kick (blk-mq's commit_rqs at the end of a batch).
-const next = (): number => {
-  const c = pollCompletion(kernel, cpu);
-  if (c !== MAILBOX_EMPTY) return c;
-  driver.notify();
-  return takeCompletion(kernel, cpu);
+const src = {
+  next(): number {
+    const c = pollCompletion(kernel, cpu);
+    if (c !== MAILBOX_EMPTY) return c;
+    driver.notify();
+    return takeCompletion(kernel, cpu);
+  },
+  drain(untilMs: number): number {
+    driver.notify();
+    return takeCompletion(kernel, cpu, untilMs);
+  },
 };
 
 port.on("message", (m: VcpuRun | { type: "exit" }) => {
@@ -53,7 +59,7 @@ port.on("message", (m: VcpuRun | { type: "exit" }) => {
     driver.lock = lockFromSpace(LockSpace.attach(boot.kernelSab, kernel.lockOffset), 0, m.lock.kind, m.lock.pv, { unfair: m.lock.unfair });
     env.traceEvery = m.traceEvery;
     const deadline = m.deadlineEpochMs === null ? Infinity : m.deadlineEpochMs - performance.timeOrigin;
-    const partial = runJobs(m.params, env, m.jobs, m.runId, m.parent, deadline, next);
+    const partial = runJobs(m.params, env, m.jobs, m.runId, m.parent, deadline, src);
     const r: VcpuReply = { type: "done", gen: m.gen, cpu, partial };
     port.postMessage(r);
   } catch (e) {

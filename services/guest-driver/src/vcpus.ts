@@ -3,9 +3,10 @@
 // boot CPU (this thread, cpu 0) lays out vq->lock for each run, takes the
 // device's interrupts and posts each completion to the vCPU that issued it.
 import { availableParallelism } from "node:os";
+import { performance } from "node:perf_hooks";
 import { join } from "node:path";
 import { Worker } from "node:worker_threads";
-import { LockSpace, lockFromSpace, type GuestLock, type LockStats } from "@virtmesh/qspinlock";
+import { LockSpace, lockFromSpace, type GuestLock } from "@virtmesh/qspinlock";
 import type { FioParams, FioPartial, TraceParent } from "./fio";
 import { CTL_STOP, GuestKernel, postCompletion, resetMailboxes } from "./kernel";
 import type { SpinlockConfig, VcpuBoot, VcpuReply, VcpuRun } from "./vcpu-protocol";
@@ -16,16 +17,23 @@ const BOOTSTRAP = `require(${JSON.stringify(require.resolve("tsx/cjs"))}); requi
 
 export interface VcpuRunResult {
   partials: FioPartial[];
-  lock: LockStats;
-  vcpus: number;
+  /** From the moment every vCPU of the run was up to the last report. */
+  elapsedMs: number;
 }
 
 interface Pending {
   gen: number;
-  want: number;
+  cpus: Set<number>;
   parts: FioPartial[];
-  resolve: (r: FioPartial[]) => void;
+  errors: string[];
+  t0: number;
+  resolve: (r: VcpuRunResult) => void;
   reject: (e: Error) => void;
+}
+
+/** A vCPU of the run failed; the run settled only after every other vCPU stopped. */
+export class VcpuRunError extends Error {
+  override readonly name = "VcpuRunError";
 }
 
 export class GuestVcpus {
@@ -74,51 +82,64 @@ export class GuestVcpus {
         const run = this.pending;
         if (!run || m.gen !== run.gen) return;
         if (m.type === "error") {
-          this.pending = null;
-          Atomics.store(this.kernel.ctl, CTL_STOP, 1); // the others stop waiting
-          run.reject(new Error(`vCPU ${m.cpu}: ${m.message}`));
-          return;
-        }
-        run.parts.push(m.partial);
-        if (run.parts.length === run.want) {
-          this.pending = null;
-          run.resolve(run.parts);
-        }
+          run.errors.push(`vCPU ${m.cpu}: ${m.message}`);
+          Atomics.store(this.kernel.ctl, CTL_STOP, 1); // the others stop, drain and report
+        } else run.parts.push(m.partial);
+        this.replied(m.cpu);
       });
       w.on("error", (e: Error) => {
         reject(e);
-        this.fail(cpu, `vCPU ${cpu} crashed: ${e.message}`);
+        this.lost(cpu, `vCPU ${cpu} crashed: ${e.message}`);
       });
       w.on("exit", (code) => {
         this.workers.delete(cpu);
         this.starting.delete(cpu);
         reject(new Error(`vCPU ${cpu} exited with code ${code}`));
-        if (!this.closed) this.fail(cpu, `vCPU ${cpu} exited with code ${code}`);
+        this.lost(cpu, `vCPU ${cpu} exited with code ${code}`);
       });
     });
     this.starting.set(cpu, p);
     return p;
   }
 
-  private fail(_cpu: number, msg: string): void {
+  /** vCPU cpu will not report for the current run (it died): count it as failed. */
+  private lost(cpu: number, msg: string): void {
     const run = this.pending;
-    if (!run) return;
-    this.pending = null;
+    if (!run || !run.cpus.has(cpu)) return;
+    if (!this.closed) run.errors.push(msg);
     Atomics.store(this.kernel.ctl, CTL_STOP, 1);
-    run.reject(new Error(msg));
+    this.replied(cpu);
+  }
+
+  /** Settles the run once every one of its vCPUs has reported (or died). */
+  private replied(cpu: number): void {
+    const run = this.pending;
+    if (!run || !run.cpus.delete(cpu) || run.cpus.size > 0) return;
+    this.pending = null;
+    if (run.errors.length > 0) run.reject(new VcpuRunError(run.errors.join("; ")));
+    else run.resolve({ partials: run.parts, elapsedMs: performance.now() - run.t0 });
+  }
+
+  /** Starts the first n vCPU threads ahead of a run (they start on demand otherwise). */
+  prestart(n: number): Promise<void> {
+    const cpus = Array.from({ length: Math.min(n, this.count) }, (_, i) => i + 1);
+    return Promise.all(cpus.map((c) => this.start(c))).then(() => undefined);
   }
 
   /**
    * Runs fio jobs 0..numjobs-1 on vCPUs 1..min(numjobs, count), job j on vCPU
    * 1 + j % that, under the lock `lock` (laid out by the caller with
-   * layOutLock, on no vCPU yet). Resolves with every vCPU's report.
+   * layOutLock, on no vCPU yet). The runtime starts once every vCPU of the run
+   * is up. Settles only when every vCPU of the run has stopped: with every
+   * report, or with a VcpuRunError if one failed.
    */
-  async run(p: FioParams, lock: SpinlockConfig, runId: number, parent: TraceParent | null, traceEvery: number, deadlineEpochMs: number | null): Promise<FioPartial[]> {
+  async run(p: FioParams, lock: SpinlockConfig, runId: number, parent: TraceParent | null, traceEvery: number): Promise<VcpuRunResult> {
     if (this.closed) throw new Error("the guest's vCPUs are shut down");
     if (this.pending) throw new Error("a vCPU run is already in progress");
     const n = Math.min(p.numjobs, this.count);
     const cpus = Array.from({ length: n }, (_, i) => i + 1);
     await Promise.all(cpus.map((c) => this.start(c)));
+    if (this.closed) throw new Error("the guest's vCPUs are shut down");
     resetMailboxes(this.kernel);
     this.owner.fill(0);
     const jobsOf = new Map<number, number[]>(cpus.map((c) => [c, []]));
@@ -128,8 +149,9 @@ export class GuestVcpus {
       for (let s = j * p.iodepth; s < (j + 1) * p.iodepth; s++) this.owner[s] = cpu;
     }
     const gen = ++this.gen;
-    const done = new Promise<FioPartial[]>((resolve, reject) => {
-      this.pending = { gen, want: n, parts: [], resolve, reject };
+    const deadlineEpochMs = p.runtimeMs > 0 ? Date.now() + p.runtimeMs : null;
+    const done = new Promise<VcpuRunResult>((resolve, reject) => {
+      this.pending = { gen, cpus: new Set(cpus), parts: [], errors: [], t0: performance.now(), resolve, reject };
     });
     for (const cpu of cpus) {
       const m: VcpuRun = { type: "run", gen, params: p, jobs: jobsOf.get(cpu)!, runId, parent, traceEvery, deadlineEpochMs, lock };

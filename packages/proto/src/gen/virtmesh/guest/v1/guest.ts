@@ -97,6 +97,7 @@ export interface FioRequest {
   runtimeMs: number;
   /** "" or "crc32c" */
   verify: string;
+  /** randrw: percent reads (0 = all writes; virtmesh fio sends 50 by default) */
   rwmixRead: number;
   /**
    * The guest spinlock guarding the virtqueue (vq->lock) for this run:
