@@ -129,8 +129,15 @@ test("the image file holds exactly what the guest wrote; a FLUSHed write survive
   for (let off = 0; off < 12 << 20; off += 4096) assert.equal(checkVerifyBlock(bytes, off, 4096, off, { generation: 0, run: 0 }), null);
   const serial = (await guestState()).devices[0];
 
+  // `down` while a long read-only fio runs on overcommitted vCPUs: the run stops, drains
+  // and answers ABORTED before the guest goes; nothing is left behind.
+  const long = fio(["--rw", "randread", "--bs", "4k", "--iodepth", "4", "--numjobs", "6", "--size", "8m", "--runtime", "60s", "--pv", "off"]);
+  await new Promise((r) => setTimeout(r, 2000));
   const d = await virtmesh(["down"], env, 90_000);
   assert.equal(d.code, 0, d.stderr);
+  const stopped = await long;
+  assert.equal(stopped.code, 1, stopped.stdout + stopped.stderr);
+  assert.match(stopped.stderr, /the fio run was stopped before it finished \(the guest is shutting down\)/);
   await up();
   const r = await fio(["--rw", "read", "--bs", "4k", "--iodepth", "32", "--numjobs", "2", "--size", "6m", "--verify", "crc32c", "--json"]);
   assert.equal(r.code, 0, r.stdout + r.stderr);

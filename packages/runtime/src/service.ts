@@ -44,6 +44,11 @@ export interface ServiceContext {
 export type ClientCtor<C> = new (address: string, creds: ChannelCredentials, options?: Partial<ClientOptions>) => C;
 
 export interface ServiceHooks {
+  /**
+   * Called first on SIGTERM/SIGINT, while calls in flight still have a few
+   * seconds to answer: ask long-running ones to wrap up now.
+   */
+  quiesce?(): void;
   /** Called on SIGTERM/SIGINT after the server stopped accepting: finish or hand back work. */
   stop?(): Promise<void>;
 }
@@ -175,6 +180,11 @@ export async function runService(def: ServiceDefinitionOptions): Promise<void> {
     force.unref();
     clearInterval(heartbeat);
     healthImpl.setAllNotServing();
+    try {
+      hooks?.quiesce?.();
+    } catch (e) {
+      logger.error({ err: (e as Error).message }, "quiesce hook failed");
+    }
     try {
       await registry.deleteService(config.host, instance);
     } catch (e) {

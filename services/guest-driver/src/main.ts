@@ -211,9 +211,15 @@ void runService({
     });
     await ctx.registry.putVm({ vm, host: ctx.config.host, state: "RUN_STATE_RUNNING" });
     return {
+      quiesce() {
+        // A running fio stops issuing, drains what it has in flight and answers ABORTED
+        // while the server still lets calls in flight finish.
+        state = guest.RunState.RUN_STATE_STOPPED;
+        blk.vcpus.abandon();
+      },
       async stop() {
         state = guest.RunState.RUN_STATE_STOPPED;
-        blk.vcpus.abandon(); // a running fio stops issuing, drains and reports ABORTED
+        blk.vcpus.abandon();
         await balloon.stop();
         await blk.shutdown();
         await ctx.registry.putVm({ vm, host: ctx.config.host, state: "RUN_STATE_STOPPED" }).catch(() => undefined);
