@@ -198,6 +198,9 @@ void runService({
         } catch (e) {
           // A stalled or failed run: the vCPUs stop issuing and drain what they can.
           blk.vcpus.abandon();
+          if (e instanceof VcpuRunError && (state as guest.RunState) === guest.RunState.RUN_STATE_STOPPED) {
+            throw new GrpcError(Status.ABORTED, `the fio run was stopped before it finished (the guest is shutting down): ${e.message}`);
+          }
           if (e instanceof VcpuRunError) {
             // A vCPU died or threw mid-run: its requests' fate is unknown. Refuse further runs.
             broken = e.message;

@@ -106,7 +106,7 @@ export class GuestVcpus {
   private lost(cpu: number, msg: string): void {
     const run = this.pending;
     if (!run || !run.cpus.has(cpu)) return;
-    if (!this.closed) run.errors.push(msg);
+    run.errors.push(msg);
     Atomics.store(this.kernel.ctl, CTL_STOP, 1);
     this.replied(cpu);
   }
