@@ -118,6 +118,8 @@ async function workloads(services: Svc[], vm: string, host: string, say: (line: 
     say(`${vm}: fio randrw 4k, iodepth 16, 2 jobs, 3 s, verify crc32c on its virtio-blk disk (vhost-worker + completion-thread)`);
     const f = await call(g.runFio.bind(g), { rw: "randrw", blockSize: 4096, iodepth: 16, numjobs: 2, sizeBytes: 16 * MiB, runtimeMs: 3000, verify: "crc32c", rwmixRead: 50, spinlock: "", pvSpinlock: "" });
     say(`  ${f.readIos} reads, ${f.writeIos} writes: ${f.iops.toFixed(0)} IOPS, ${f.mbPerS.toFixed(1)} MB/s, p50 ${f.latP50Us.toFixed(0)} us, p99 ${f.latP99Us.toFixed(0)} us, verify errors ${f.verifyErrors}`);
+    const l = f.spinlock;
+    if (l) say(`  jobs on ${l.vcpus - 1} guest vCPUs + the boot CPU; vq->lock (${l.kind} spinlock, PV ${l.pv ? "on" : "off"}): ${l.acquisitions} acquisitions, ${l.slowpath} contended, ${l.halts} halts, ${l.kicks} kicks`);
 
     const st = await call(g.getState.bind(g), {});
     const usage = async () => (await call(m.memoryUsage.bind(m), { vm })).allocatedBytes;
