@@ -18,8 +18,9 @@ Drive a running stack:
       [--size S] [--runtime T] [--verify crc32c] [--rwmixread P] [--vm vm1] [--json]
       [--lock ticket|queue] [--pv on|off]
                        fio-like workload on the guest's virtio-blk disk (vhost-blk, seed 000);
-                       each job runs on its own guest vCPU thread, contending on the
-                       virtqueue's spinlock (seed 002; default: the guest's configured lock)
+                       jobs run on the guest's vCPU threads (one each, up to
+                       VIRTMESH_GUEST_VCPUS), contending on the virtqueue's spinlock
+                       (seed 002; default: the guest's configured lock)
   balloon set <vm> <size> | stats <vm> [--json]
                        virtio-balloon target and statistics (seed 003)
   ioband devices|settings|cgroup|attach ... [--host H] [--cgroup /]
