@@ -3,7 +3,8 @@
 // change) plus the overcommitted case the PV locks exist for.
 import { availableParallelism, loadavg } from "node:os";
 import { type BenchResult, type BenchRow, formatTable, machineInfo } from "@virtmesh/bench";
-import { type LockStats, MAYHALT_THRESHOLD, QSPIN_THRESHOLD, TICKET_SPIN_THRESHOLD } from "./layout";
+import { type LockStats, MAYHALT_THRESHOLD, PLE_WINDOW_SPINS, QSPIN_THRESHOLD, TICKET_SPIN_THRESHOLD } from "./layout";
+import { PLE_PREEMPTED_US, PLE_YIELD_MAX_US } from "./lockspace";
 import type { LockKind } from "./ticket";
 import { type LockWorkloadResult, VcpuPool, runLockWorkload } from "./workload";
 
@@ -56,6 +57,11 @@ export async function runQspinlockBench(opts: QspinlockBenchOptions): Promise<Be
   const opsPerTask = opts.quick ? 300_000 : 2_000_000;
   const tableBudgetMs = opts.quick ? 400 : 5_000;
   const overcommitBudgetMs = opts.quick ? 2_200 : 12_000;
+  // The 4x row again on a host with pause-loop exiting. Its runs are always
+  // cut by the budget (PV off reaches the PV-on rate, ~10 rounds/ms) and
+  // projected from the steady state, which starts within tens of ms.
+  const pleBudgetMs = opts.quick ? 1_000 : 12_000;
+  const pleFactor = 4;
   const maxTasks = 8;
   const factors = [2, 4];
   const maxVcpus = Math.max(maxTasks, ...factors.map((f) => f * hostCores));
@@ -64,12 +70,12 @@ export async function runQspinlockBench(opts: QspinlockBenchOptions): Promise<Be
   let truncatedCells = 0;
   let cells = 0;
 
-  const run = async (lock: LockKind, pv: boolean, vcpus: number, budgetMs: number, unfair: boolean): Promise<LockWorkloadResult> => {
-    const r = await runLockWorkload({ pool, lock, pv, unfair, vcpus, hostCores, iterations: opsPerTask, budgetMs, timeoutMs: budgetMs + 30_000 });
+  const run = async (lock: LockKind, pv: boolean, vcpus: number, budgetMs: number, unfair: boolean, pleWindow = 0): Promise<LockWorkloadResult> => {
+    const r = await runLockWorkload({ pool, lock, pv, unfair, vcpus, hostCores, iterations: opsPerTask, budgetMs, timeoutMs: budgetMs + 30_000, pleWindow });
     cells++;
     if (!r.ok) {
       allOk = false;
-      say(`  ${lock} pv=${pv} vcpus=${vcpus}: FAILED: ${r.error}`);
+      say(`  ${lock} pv=${pv} vcpus=${vcpus} ple=${pleWindow}: FAILED: ${r.error}`);
       await pool.terminate(); // a stuck run leaves threads behind: start afresh
       pool = await VcpuPool.start(maxVcpus);
     }
@@ -102,26 +108,26 @@ export async function runQspinlockBench(opts: QspinlockBenchOptions): Promise<Be
    * PV off and PV on in A-B-B-A order (half the budget each) so that a drift
    * in what the rest of the host does shifts both alike.
    */
-  const pair = async (lock: LockKind, vcpus: number, budgetMs: number): Promise<[Cell, Cell]> => {
+  const pair = async (lock: LockKind, vcpus: number, budgetMs: number, pleWindow: number): Promise<[Cell, Cell]> => {
     const h = budgetMs / 2;
     const off: LockWorkloadResult[] = [];
     const on: LockWorkloadResult[] = [];
     // Short cells (all rounds done well within the budget) repeat A-B-B-A
     // until the budget is used, for a steadier figure.
     for (let round = 0; round < 10; round++) {
-      off.push(await run(lock, false, vcpus, h, false));
-      on.push(await run(lock, true, vcpus, h, false));
-      on.push(await run(lock, true, vcpus, h, false));
-      off.push(await run(lock, false, vcpus, h, false));
+      off.push(await run(lock, false, vcpus, h, false, pleWindow));
+      on.push(await run(lock, true, vcpus, h, false, pleWindow));
+      on.push(await run(lock, true, vcpus, h, false, pleWindow));
+      off.push(await run(lock, false, vcpus, h, false, pleWindow));
       const used = [...off, ...on].reduce((a, r) => a + r.elapsedMs, 0);
       if ([...off, ...on].some((r) => r.truncated || !r.ok) || used >= budgetMs * 2) break;
     }
     return [merge(vcpus, off), merge(vcpus, on)];
   };
 
-  const rowFor = async (section: string, vcpus: number, budgetMs: number, withUnfair: boolean): Promise<BenchRow> => {
-    const [tOff, tOn] = await pair("ticket", vcpus, budgetMs);
-    const [qOff, qOn] = await pair("queue", vcpus, budgetMs);
+  const rowFor = async (section: string, vcpus: number, budgetMs: number, withUnfair: boolean, pleWindow = 0): Promise<BenchRow> => {
+    const [tOff, tOn] = await pair("ticket", vcpus, budgetMs, pleWindow);
+    const [qOff, qOn] = await pair("queue", vcpus, budgetMs, pleWindow);
     const qs = qOn.stats;
     const row: BenchRow = {
       section,
@@ -141,6 +147,13 @@ export async function runQspinlockBench(opts: QspinlockBenchOptions): Promise<Be
       row.queue_pv_on_unfair_ms = round(qU.ms);
       row.queue_unfair_steals = qU.stats.steals;
       all.push(qU);
+    }
+    if (pleWindow > 0) {
+      Object.assign(row, { ple_window: pleWindow });
+      for (const [k, c] of [["ticket_pv_off", tOff], ["ticket_pv_on", tOn], ["queue_pv_off", qOff], ["queue_pv_on", qOn]] as const) {
+        row[`${k}_ple_exits`] = c.stats.pleExits;
+        row[`${k}_ple_yields`] = c.stats.pleYields;
+      }
     }
     Object.assign(row, {
       ticket_pv_halts: tOn.stats.ticketHalt,
@@ -173,6 +186,8 @@ export async function runQspinlockBench(opts: QspinlockBenchOptions): Promise<Be
         if (!(await pool.waitDone(10_000))) throw new Error(`warm-up of vCPU ${cpu} did not finish`);
       }
       await runLockWorkload({ pool, lock, pv, unfair, vcpus: maxVcpus, iterations: opsPerTask, budgetMs: 100, timeoutMs: 30_000 });
+      // ... and the pause-loop exit path (fair locks only: the PLE row has no unfair cell).
+      if (!unfair) await runLockWorkload({ pool, lock, pv, vcpus: maxVcpus, iterations: opsPerTask, budgetMs: 100, timeoutMs: 30_000, pleWindow: PLE_WINDOW_SPINS });
     }
     say(`warm-up done in ${Math.round(performance.now() - t0)} ms`);
     for (let tasks = 1; tasks <= maxTasks; tasks++) {
@@ -185,16 +200,22 @@ export async function runQspinlockBench(opts: QspinlockBenchOptions): Promise<Be
       rows.push(row);
       say(`overcommit ${f}x (${f * hostCores} vCPUs on ${hostCores} cores): ticket ${row.ticket_pv_off_ms}/${row.ticket_pv_on_ms} ms, queue ${row.queue_pv_off_ms}/${row.queue_pv_on_ms} ms, queue PV+unfair ${row.queue_pv_on_unfair_ms} ms`);
     }
+    {
+      const row = await rowFor(`overcommit-${pleFactor}x-ple`, pleFactor * hostCores, pleBudgetMs, false, PLE_WINDOW_SPINS);
+      rows.push(row);
+      say(`overcommit ${pleFactor}x with PLE (window ${PLE_WINDOW_SPINS} spins): ticket ${row.ticket_pv_off_ms}/${row.ticket_pv_on_ms} ms, queue ${row.queue_pv_off_ms}/${row.queue_pv_on_ms} ms`);
+    }
   } finally {
     await pool.terminate();
   }
 
   const num = (v: unknown): number => (typeof v === "number" ? v : NaN);
   const cellKeys = ["ticket_pv_off_ms", "ticket_pv_on_ms", "queue_pv_off_ms", "queue_pv_on_ms"];
-  const rowsComplete = allOk && rows.length === maxTasks + factors.length && rows.every((r) => cellKeys.every((k) => Number.isFinite(num(r[k]))));
+  const rowsComplete = allOk && rows.length === maxTasks + factors.length + 1 && rows.every((r) => cellKeys.every((k) => Number.isFinite(num(r[k]))));
   const r1 = rows.find((r) => r.section === "seed-table" && r.tasks === 1);
   const oc4 = rows.find((r) => r.section === "overcommit-4x");
   const oc2 = rows.find((r) => r.section === "overcommit-2x");
+  const ocPle = rows.find((r) => r.section === `overcommit-${pleFactor}x-ple`);
   const speedup = (row: BenchRow | undefined, off: string, on: string): number | null => {
     if (row === undefined) return null;
     const v = num(row[off]) / num(row[on]);
@@ -219,6 +240,13 @@ export async function runQspinlockBench(opts: QspinlockBenchOptions): Promise<Be
       overcommit_budget_ms: overcommitBudgetMs,
       host_cores: hostCores,
       overcommit_factors: factors,
+      ple_overcommit_factor: pleFactor,
+      ple_window: PLE_WINDOW_SPINS,
+      ple_budget_ms: pleBudgetMs,
+      ple_preempted_us: PLE_PREEMPTED_US,
+      ple_yield_max_us: PLE_YIELD_MAX_US,
+      ple_model:
+        "overcommit-Nx-ple rows: the host has pause-loop exiting. Every ple_window cpu_relax() iterations of a lock spin loop the vCPU exits to kvm_vcpu_on_spin(), which yields the host core (Atomics.wait) to another vCPU of the VM that is ready (kicked out of a halt, or runnable but not seen running for ple_preempted_us) until that vCPU has run (at most ple_yield_max_us), else returns at once. Other rows: no PLE, a spinning vCPU keeps its core",
       critical_section: "shared counter read-modify-write (plain, non-atomic)",
       projection:
         "a cell cut by its time budget reports steady_ms * (ops_per_task * tasks) / steady_ops, where steady_* count from the moment every vCPU of the run had acquired the lock once to the end of the run (the start-up rounds, done while some vCPU threads still waited for a host core, are left out); cells that never reached that state fall back to elapsed * (ops_per_task * tasks) / ops_done",
@@ -236,6 +264,8 @@ export async function runQspinlockBench(opts: QspinlockBenchOptions): Promise<Be
       overcommit_pv_unfair_speedup: speedup(oc4, "queue_pv_off_ms", "queue_pv_on_unfair_ms"),
       overcommit_2x_pv_speedup: speedup(oc2, "queue_pv_off_ms", "queue_pv_on_ms"),
       overcommit_ticket_pv_speedup: speedup(oc4, "ticket_pv_off_ms", "ticket_pv_on_ms"),
+      overcommit_pv_speedup_ple: speedup(ocPle, "queue_pv_off_ms", "queue_pv_on_ms"),
+      overcommit_ticket_pv_speedup_ple: speedup(ocPle, "ticket_pv_off_ms", "ticket_pv_on_ms"),
       cells_run: cells,
       cells_projected: truncatedCells,
     },

@@ -1,5 +1,5 @@
 export * from "./layout";
-export { LockSpace, RacePoint, HALT_ABORTED, HALT_KICKED, HALT_SPURIOUS, RACE_POINT_COUNT } from "./lockspace";
+export { LockSpace, RacePoint, HALT_ABORTED, HALT_KICKED, HALT_SPURIOUS, PLE_PREEMPTED_US, PLE_YIELD_MAX_US, RACE_POINT_COUNT } from "./lockspace";
 export type { LockSpaceInit, RaceHook, RacePointName } from "./lockspace";
 export { TicketSpinlock } from "./ticket";
 export type { GuestLock, LockKind } from "./ticket";

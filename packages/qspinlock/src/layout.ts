@@ -11,6 +11,13 @@ export const QSPIN_THRESHOLD = 1 << 14;
 export const MAYHALT_THRESHOLD = QSPIN_THRESHOLD - 0x10;
 /** kvm pv ticketlock: SPIN_THRESHOLD = 1 << 15 (arch/x86/include/asm/spinlock.h). */
 export const TICKET_SPIN_THRESHOLD = 1 << 15;
+/**
+ * A PLE window in cpu_relax() iterations comparable to KVM's default: VMX
+ * ple_window = 4096 cycles (~1.4 µs at 3 GHz) of PAUSE-spinning; one
+ * cpu_relax() here is a loop iteration with an atomic load (~15 ns), so
+ * ~90 iterations, rounded to a power of 2 (LockSpaceInit.pleWindow must be one).
+ */
+export const PLE_WINDOW_SPINS = 128;
 
 // qspinlock word (include/asm-generic/qspinlock_types.h, NR_CPUS < 16K):
 //  bits 0-7 locked byte, bit 8 pending, bits 9-15 unused,
@@ -98,9 +105,20 @@ export const Stat = {
    * ended by a kick left over from an earlier, aborted halt (see halt()).
    */
   hvTimerWakes: 17,
+  /**
+   * Pause-loop exits: a spin loop ran a PLE window of cpu_relax() iterations
+   * and the hypervisor took the exit (handle_pause -> kvm_vcpu_on_spin). Only
+   * with LockSpaceInit.pleWindow > 0.
+   */
+  pleExits: 18,
+  /**
+   * PLE exits on which kvm_vcpu_on_spin found a candidate (a kicked vCPU, or
+   * one that looks preempted while runnable) and yielded the host core to it.
+   */
+  pleYields: 19,
 } as const;
 export type StatName = keyof typeof Stat;
-export const STAT_COUNT = 18;
+export const STAT_COUNT = 20;
 export const STAT_NAMES = Object.keys(Stat) as StatName[];
 export type LockStats = Record<StatName, number>;
 
@@ -122,6 +140,11 @@ export const PC_KW_WAITING = 3; // bit in waiting_cpus
 // every thread sharing the region sees it).
 export const PC_HV_UNHALT = 16; // kvm vcpu->arch.pv.pv_unhalted: Atomics.wait target
 export const PC_HV_HALTED = 17; // 1 while the vCPU thread is blocked in halt
+// Pause-loop exiting (only used with a PLE window; see LockSpace.pleExit):
+export const PC_HV_IDLE = 18; // 1 while the vCPU runs no guest code (idle in the host's eyes): never a yield target
+export const PC_HV_RUNGEN = 19; // bumped whenever the vCPU is seen running: the host's "scheduled in" signal
+export const PC_HV_READY = 20; // kvm vcpu->ready: kicked out of a halt and not yet running again
+export const PC_HV_YIELDERS = 21; // vCPUs directed-yielding to this one (Atomics.wait on its PC_HV_RUNGEN)
 export const PC_STATS = 32;
 export const PC_QNODES = 64;
 export const PERCPU_WORDS = PC_QNODES + MAX_NODES * QNODE_WORDS;
@@ -131,6 +154,8 @@ export const HDR_MAGIC = 0;
 export const HDR_MAX_CPUS = 1;
 export const HDR_NR_LOCKS = 2;
 export const HDR_HALT_TIMEOUT_US = 3; // 0 = halt until kicked; else spurious wake-up period
+export const HDR_PLE_WINDOW = 4; // 0 = no pause-loop exiting; else cpu_relax() iterations per PLE window (a power of 2)
+export const HDR_PLE_LAST_BOOSTED = 5; // kvm->last_boosted_vcpu: where kvm_vcpu_on_spin's round-robin scan resumes
 export const HDR_WORDS = 16;
 export const LOCK_STRIDE = 16; // each lock word on its own cache line
 export const LOCKSPACE_MAGIC = 0x51534c4b; // "QSLK"

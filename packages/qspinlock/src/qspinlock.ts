@@ -111,6 +111,9 @@ export class QueueSpinlock implements GuestLock {
     const w = this.w;
     const space = this.space;
     const pv = this.pv;
+    // Every spin loop below is a cpu_relax() loop: each PLE window of it may
+    // exit to the hypervisor (LockSpace.pleExit); -1 (no PLE) never matches.
+    const pleMask = space.pleMask;
     let spins = 0;
     space.stat(cpu, Stat.lockSlowpath);
 
@@ -119,7 +122,7 @@ export class QueueSpinlock implements GuestLock {
     // cannot halt, which is exactly what hurts when vCPUs are preempted.
     if (!pv) {
       if (val === _Q_PENDING_VAL) {
-        while ((val = Atomics.load(i32, w)) === _Q_PENDING_VAL) spins++;
+        while ((val = Atomics.load(i32, w)) === _Q_PENDING_VAL) if ((++spins & pleMask) === 0) space.pleExit(cpu);
       }
       let nw = 0;
       let queue = false;
@@ -147,7 +150,7 @@ export class QueueSpinlock implements GuestLock {
               // An unfair fast-path stealer may take the byte under us: CAS.
               if (Atomics.compareExchange(i32, w, v, (v & ~_Q_PENDING_VAL) | _Q_LOCKED_VAL) === v) break;
             }
-            spins++;
+            if ((++spins & pleMask) === 0) space.pleExit(cpu);
           }
         }
         this.done(cpu, spins);
@@ -188,7 +191,7 @@ export class QueueSpinlock implements GuestLock {
       let cnt = 0;
       while (Atomics.load(i32, node + QN_LOCKED) === 0) {
         if (pv) cnt = this.pvQueueSpinCheck(cpu, node, cnt + 1);
-        spins++;
+        if ((++spins & pleMask) === 0) space.pleExit(cpu);
       }
     } else if (pv) {
       Atomics.store(i32, node + QN_LOCKED, 1); // first in queue: qhead = true
@@ -200,7 +203,7 @@ export class QueueSpinlock implements GuestLock {
       let hcnt = 0;
       while ((val = Atomics.load(i32, w)) & _Q_LOCKED_PENDING_MASK) {
         if (pv) hcnt = this.pvHeadSpinCheck(cpu, node, hcnt + 1);
-        spins++;
+        if ((++spins & pleMask) === 0) space.pleExit(cpu);
       }
       if ((val & _Q_TAIL_MASK) === tail) {
         // Nobody behind us: take the lock and clear the tail in one go.
@@ -216,7 +219,7 @@ export class QueueSpinlock implements GuestLock {
     }
 
     // Hand the queue head role to the next node (arch_mcs_spin_unlock_contended).
-    while ((nextNo = Atomics.load(i32, node + QN_NEXT)) === 0) spins++;
+    while ((nextNo = Atomics.load(i32, node + QN_NEXT)) === 0) if ((++spins & pleMask) === 0) space.pleExit(cpu);
     const next = space.qnode(nextNo - 1);
     Atomics.store(i32, next + QN_LOCKED, 1);
     if (pv) {
@@ -306,7 +309,7 @@ export class QueueSpinlock implements GuestLock {
     while (Atomics.load(i32, node + QN_LOCKED) === 0) {
       const prev = Atomics.load(i32, node + QN_PREV);
       if (prev !== 0) node = space.qnode(prev - 1);
-      else spins++; // let the prev pointer be set up
+      else if ((++spins & space.pleMask) === 0) space.pleExit(cpu); // let the prev pointer be set up
     }
     if (spins !== 0) space.stat(cpu, Stat.spins, spins);
     Atomics.and(i32, this.w, ~_Q_LOCKED_MASK); // release before waking the head

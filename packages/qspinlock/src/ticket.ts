@@ -73,8 +73,11 @@ export class TicketSpinlock implements GuestLock {
     }
     this.space.stat(cpu, Stat.lockSlowpath);
     let spins = 0;
+    // cpu_relax() loops: each PLE window may exit to the hypervisor (LockSpace.pleExit); -1 (no PLE) never matches.
+    const space = this.space;
+    const pleMask = space.pleMask;
     if (!this.pv) {
-      while ((Atomics.load(i32, w) & 0xffff) !== want) spins++;
+      while ((Atomics.load(i32, w) & 0xffff) !== want) if ((++spins & pleMask) === 0) space.pleExit(cpu);
     } else {
       for (;;) {
         let count = TICKET_SPIN_THRESHOLD;
@@ -84,7 +87,7 @@ export class TicketSpinlock implements GuestLock {
             got = true;
             break;
           }
-          spins++;
+          if ((++spins & pleMask) === 0) space.pleExit(cpu);
         } while (--count);
         if (got) break;
         if (this.lockSpinning(cpu, want)) break;

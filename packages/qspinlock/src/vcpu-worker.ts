@@ -57,6 +57,10 @@ function run(p: VcpuRunParams): void {
   while (Atomics.load(ctl, CTL.GO + cpu) !== p.gen) Atomics.wait(ctl, CTL.GO + cpu, Atomics.load(ctl, CTL.GO + cpu));
 
   const t0 = performance.now();
+  // PLE bookkeeping (no-ops without PLE): the vCPU runs guest code from here
+  // on, and tells the host it is on a core once per round (LockSpace.vcpuRan).
+  const ple = space.pleMask >= 0;
+  space.setVcpuIdle(cpu, false);
   if (p.mode === "hold") {
     lock.lock(cpu);
     Atomics.add(ctl, CTL.ACQUIRED + cpu, 1);
@@ -72,6 +76,7 @@ function run(p: VcpuRunParams): void {
     const nr = Atomics.load(ctl, CTL.NR_VCPUS);
     for (let i = 0; i < p.iterations; i++) {
       if (Atomics.load(ctl, CTL.STOP) !== 0) break;
+      if (ple) space.vcpuRan(cpu);
       lock.lock(cpu);
       const c = ctl[counter]!;
       if (cs > 0) work(cs);
@@ -89,6 +94,7 @@ function run(p: VcpuRunParams): void {
       if (random !== undefined) delay();
     }
   }
+  space.setVcpuIdle(cpu, true);
   const done: VcpuMessage = { type: "done", cpu, gen: p.gen, ms: performance.now() - t0, sink };
   if (Atomics.add(ctl, CTL.DONE, 1) === Atomics.load(ctl, CTL.NR_VCPUS) - 1) ctlF64[CTL.END_T_F64] = performance.timeOrigin + performance.now();
   port.postMessage(done);

@@ -40,6 +40,8 @@ export interface VcpuRunConfig {
   outsideWork?: number;
   random?: RandomDelays;
   haltTimeoutUs?: number;
+  /** Host pause-loop exiting: PLE window in cpu_relax() iterations (a power of 2), 0 or absent = off. See LockSpaceInit.pleWindow. */
+  pleWindow?: number;
 }
 
 /**
@@ -169,7 +171,11 @@ export class VcpuPool {
     for (let i = 0; i < CTL.WORDS; i++) if (i < CTL.GO || i >= CTL.GO + CTL.MAX_CPUS) Atomics.store(this.ctl, i, 0);
     for (let i = 0; i < 8; i++) this.ctlF64[i] = 0;
     Atomics.store(this.ctl, CTL.NR_VCPUS, tasks.length);
-    this.spaceCur = LockSpace.init(this.sab, 0, { maxCpus: this.maxCpus, nrLocks: 1, haltTimeoutUs: cfg.haltTimeoutUs ?? 0 });
+    const space = LockSpace.init(this.sab, 0, { maxCpus: this.maxCpus, nrLocks: 1, haltTimeoutUs: cfg.haltTimeoutUs ?? 0, pleWindow: cfg.pleWindow ?? 0 });
+    // For PLE's directed yield every vCPU is idle (in HLT, never a target)
+    // until its worker starts the run's guest code, and again after.
+    for (let c = 0; c < this.maxCpus; c++) space.setVcpuIdle(c, true);
+    this.spaceCur = space;
     this.cfg = cfg;
     this.running = tasks.map((t) => t.cpu);
     for (const t of tasks) {
@@ -306,6 +312,12 @@ export interface LockWorkloadOptions {
   /** Soft limit: when reached every vCPU stops after its current round; the result has truncated = true. */
   budgetMs?: number;
   haltTimeoutUs?: number;
+  /**
+   * Host pause-loop exiting (LockSpaceInit.pleWindow): a PLE window in
+   * cpu_relax() iterations, a power of 2 (PLE_WINDOW_SPINS is KVM-like);
+   * 0 or absent = no PLE, spinners never give up their host core.
+   */
+  pleWindow?: number;
   random?: RandomDelays;
   /** Reuse these threads (vCPUs 0..vcpus-1 must have workers); otherwise a pool is started and torn down. */
   pool?: VcpuPool;
@@ -338,6 +350,8 @@ export interface LockWorkloadResult {
    */
   steadyOps: number;
   steadyMs: number;
+  /** PLE window the run used (0 = no PLE). */
+  pleWindow: number;
   stats: LockStats;
 }
 
@@ -355,7 +369,7 @@ export async function runLockWorkload(o: LockWorkloadOptions): Promise<LockWorkl
   for (let c = 0; c < o.vcpus; c++) tasks.push({ cpu: c, mode: "loop", iterations: o.iterations });
   try {
     pool.pinToHostCores(hostCores);
-    await pool.prepare({ kind: o.lock, pv: o.pv, unfair: o.unfair, criticalSectionWork: o.criticalSectionWork, outsideWork: o.outsideWork, random: o.random, haltTimeoutUs: o.haltTimeoutUs }, tasks);
+    await pool.prepare({ kind: o.lock, pv: o.pv, unfair: o.unfair, criticalSectionWork: o.criticalSectionWork, outsideWork: o.outsideWork, random: o.random, haltTimeoutUs: o.haltTimeoutUs, pleWindow: o.pleWindow }, tasks);
     let truncated = false;
     const t0 = performance.now();
     pool.goAll();
@@ -404,6 +418,7 @@ export async function runLockWorkload(o: LockWorkloadOptions): Promise<LockWorkl
       acquiredPerVcpu,
       steadyOps: steady?.ops ?? 0,
       steadyMs: steady?.ms ?? 0,
+      pleWindow: o.pleWindow ?? 0,
       stats: pool.space.stats(),
     };
   } finally {
