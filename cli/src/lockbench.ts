@@ -18,12 +18,15 @@ export async function lockbench(v: Values, pos: string[]): Promise<number> {
   const vcpus = intFlag("vcpus", v.vcpus, 4, 1, 64);
   const iterations = intFlag("iterations", v.iterations, 200_000, 1, 100_000_000);
   const hostCores = v["host-cores"] === undefined ? undefined : intFlag("host-cores", v["host-cores"], 1, 1, 1024);
-  const r = await runLockWorkload({ lock, pv, vcpus, iterations, hostCores, unfair: v.unfair === true, timeoutMs: 300_000 });
+  // The host's pause-loop exiting: a directed yield every N spins (0 = none, the default; KVM-like: 128).
+  const pleWindow = intFlag("ple-window", v["ple-window"], 0, 0, 1 << 20);
+  if (pleWindow & (pleWindow - 1)) throw new UsageError(`--ple-window ${pleWindow} must be 0 or a power of 2`);
+  const r = await runLockWorkload({ lock, pv, vcpus, iterations, hostCores, unfair: v.unfair === true, timeoutMs: 300_000, pleWindow });
   if (v.json) {
     process.stdout.write(JSON.stringify(r, null, 2) + "\n");
   } else {
     process.stdout.write(
-      `${lock} spinlock, PV ${pv ? "on" : "off"}${r.unfair ? ", unfair" : ""}: ${vcpus} vCPUs on ${r.hostCores} host cores (overcommit ${r.overcommit.toFixed(1)}x)\n` +
+      `${lock} spinlock, PV ${pv ? "on" : "off"}${r.unfair ? ", unfair" : ""}${pleWindow ? `, host PLE every ${pleWindow} spins` : ""}: ${vcpus} vCPUs on ${r.hostCores} host cores (overcommit ${r.overcommit.toFixed(1)}x)\n` +
         `${r.ops} lock/unlock in ${r.elapsedMs.toFixed(1)} ms (${((r.ops / r.elapsedMs) * 1000).toFixed(0)} ops/s); counter ${r.counter} ${r.counter === r.ops ? "(exact)" : "(MUTUAL EXCLUSION BROKEN)"}\n` +
         `stats ${JSON.stringify(r.stats)}\n`,
     );

@@ -26,7 +26,7 @@ Drive a running stack:
   ioband devices|settings|cgroup|attach ... [--host H] [--cgroup /]
                        blkio-cgroup / dm-ioband control (seed 001); 'virtmesh ioband help'
   lockbench [--lock queue|ticket] [--pv on|off] [--vcpus N] [--iterations N]
-            [--host-cores N] [--unfair] [--json]
+            [--host-cores N] [--unfair] [--ple-window N] [--json]
                        the seed-002 lock micro-benchmark: N vCPU threads contending on
                        one guest spinlock, with halt/kick statistics
 
@@ -61,6 +61,7 @@ export interface Values {
   vcpus?: string;
   iterations?: string;
   "host-cores"?: string;
+  "ple-window"?: string;
   unfair?: boolean;
   host?: string;
   cgroup?: string;
@@ -91,6 +92,7 @@ export const OPTIONS = {
   vcpus: { type: "string" },
   iterations: { type: "string" },
   "host-cores": { type: "string" },
+  "ple-window": { type: "string" },
   unfair: { type: "boolean" },
   host: { type: "string" },
   cgroup: { type: "string" },
