@@ -1,10 +1,10 @@
 // virtmesh balloon set <vm> <size> | stats <vm> [--json]
 // Finds the running stack's NATS (state.json, else NATS_URL), the VM's host in the
 // registry (vm.<vm>), and that host's balloon-host (svc.<host>.balloon-host).
-import { credentials, Metadata, type ServiceError } from "@grpc/grpc-js";
+import { credentials, type ServiceError } from "@grpc/grpc-js";
 import { ConfigError, checkName } from "@virtmesh/config";
 import { connectNats, drainNats, Registry } from "@virtmesh/nats";
-import { balloon } from "@virtmesh/proto";
+import { balloon, callUnary } from "@virtmesh/proto";
 import { defaultStateDir, readState } from "./state";
 
 import { CliError, UsageError } from "./errors";
@@ -46,15 +46,6 @@ const MODE_NAMES: Record<number, string> = {
   [balloon.BalloonMode.BALLOON_MODE_REPORTING]: "reporting",
 };
 
-function unaryCall<Req, Res>(
-  client: balloon.BalloonServiceClient,
-  method: (req: Req, md: Metadata, opts: { deadline: number }, cb: (e: ServiceError | null, r?: Res) => void) => unknown,
-  req: Req,
-): Promise<Res> {
-  return new Promise((resolve, reject) =>
-    method.call(client, req, new Metadata(), { deadline: Date.now() + 10_000 }, (e, r) => (e ? reject(e) : resolve(r!))),
-  );
-}
 
 function failed(what: string, e: unknown): CliError {
   const se = e as ServiceError;
@@ -101,22 +92,22 @@ export async function balloonCommand(values: BalloonValues, positionals: string[
     const c = client;
 
     if (sub === "stats") {
-      const s = await unaryCall(c, c.getStats, { vm }).catch((e: unknown) => {
+      const s = await callUnary(c, c.getStats, { vm }).catch((e: unknown) => {
         throw failed(`GetStats(${vm}) on balloon-host@${placement.host}`, e);
       });
       process.stdout.write(values.json ? `${JSON.stringify({ ...s, host: placement.host, mode: MODE_NAMES[s.mode] ?? "unknown" }, null, 2)}\n` : `${formatStats(s, placement.host)}\n`);
       return 0;
     }
 
-    const r = await unaryCall(c, c.setTarget, { vm, targetBytes }).catch((e: unknown) => {
+    const r = await callUnary(c, c.setTarget, { vm, targetBytes }).catch((e: unknown) => {
       throw failed(`SetTarget(${vm}, ${targetBytes}) on balloon-host@${placement.host}`, e);
     });
     // Follow the guest for a while: it moves the balloon on its config-change interrupt.
     const deadline = Date.now() + 30_000;
-    let s = await unaryCall(c, c.getStats, { vm });
+    let s = await callUnary(c, c.getStats, { vm });
     while (s.actualPages !== r.targetPages && Date.now() < deadline) {
       await new Promise((res) => setTimeout(res, 250));
-      s = await unaryCall(c, c.getStats, { vm });
+      s = await callUnary(c, c.getStats, { vm });
     }
     const reached = s.actualPages === r.targetPages;
     if (values.json) {

@@ -1,6 +1,6 @@
 import { credentials, Metadata } from "@grpc/grpc-js";
 import { context, trace, SpanStatusCode } from "@opentelemetry/api";
-import { balloon, guest, probe, sidecar } from "@virtmesh/proto";
+import { balloon, callUnary, guest, probe, sidecar, type UnaryMethod } from "@virtmesh/proto";
 import { shutdownTelemetry, type OtlpReceiver } from "@virtmesh/telemetry";
 import { Stack } from "./stack";
 import { stackOptions } from "./commands";
@@ -100,11 +100,9 @@ export async function runDemo(v: Values, receiver: OtlpReceiver): Promise<number
 }
 
 type Svc = { instance: string; host: string; grpc: string };
-type Cb<T> = (err: Error | null, res?: T) => void;
+/** The demo's gRPC calls: a generous deadline, two hosts share two cores. */
+const call = <Req, Res>(c: object, fn: UnaryMethod<Req, Res>, req: Req): Promise<Res> => callUnary(c, fn, req, 60_000);
 
-function call<Req, Res>(fn: (req: Req, md: Metadata, opts: { deadline: number }, cb: Cb<Res>) => unknown, req: Req, timeoutMs = 60_000): Promise<Res> {
-  return new Promise((resolve, reject) => fn(req, new Metadata(), { deadline: Date.now() + timeoutMs }, (e, r) => (e ? reject(e) : resolve(r!))));
-}
 
 const MiB = 1024 * 1024;
 
@@ -116,20 +114,20 @@ async function workloads(services: Svc[], vm: string, host: string, say: (line: 
   const m = new sidecar.SharedMemoryServiceClient(at("shm-sidecar"), credentials.createInsecure());
   try {
     say(`${vm}: fio randrw 4k, iodepth 16, 2 jobs, 3 s, verify crc32c on its virtio-blk disk (vhost-worker + completion-thread)`);
-    const f = await call(g.runFio.bind(g), { rw: "randrw", blockSize: 4096, iodepth: 16, numjobs: 2, sizeBytes: 16 * MiB, runtimeMs: 3000, verify: "crc32c", rwmixRead: 50, spinlock: "", pvSpinlock: "" });
+    const f = await call(g, g.runFio, { rw: "randrw", blockSize: 4096, iodepth: 16, numjobs: 2, sizeBytes: 16 * MiB, runtimeMs: 3000, verify: "crc32c", rwmixRead: 50, spinlock: "", pvSpinlock: "" });
     say(`  ${f.readIos} reads, ${f.writeIos} writes: ${f.iops.toFixed(0)} IOPS, ${f.mbPerS.toFixed(1)} MB/s, p50 ${f.latP50Us.toFixed(0)} us, p99 ${f.latP99Us.toFixed(0)} us, verify errors ${f.verifyErrors}`);
     const l = f.spinlock;
     if (l) say(`  jobs on ${l.vcpus - 1} guest vCPUs + the boot CPU; vq->lock (${l.kind} spinlock, PV ${l.pv ? "on" : "off"}): ${l.acquisitions} acquisitions, ${l.slowpath} contended, ${l.halts} halts, ${l.kicks} kicks`);
 
-    const st = await call(g.getState.bind(g), {});
-    const usage = async () => (await call(m.memoryUsage.bind(m), { vm })).allocatedBytes;
+    const st = await call(g, g.getState, {});
+    const usage = async () => (await call(m, m.memoryUsage, { vm })).allocatedBytes;
     // Until the balloon reaches its target, or stops moving (the guest has no free page left).
     const waitBalloon = async (pages: number) => {
       const deadline = Date.now() + 30_000;
       let last = -1;
       let still = 0;
       for (;;) {
-        const s = await call(b.getStats.bind(b), { vm });
+        const s = await call(b, b.getStats, { vm });
         still = s.actualPages === last ? still + 1 : 0;
         last = s.actualPages;
         if (s.actualPages === pages || still >= 10 || Date.now() > deadline) return s;
@@ -140,11 +138,11 @@ async function workloads(services: Svc[], vm: string, host: string, say: (line: 
     const target = Math.floor(st.memoryBytes / 4 / MiB) * MiB;
     say(`${vm}: balloon inflate to ${target / MiB} MiB of ${st.memoryBytes / MiB} MiB guest memory`);
     const t0 = Date.now();
-    await call(b.setTarget.bind(b), { vm, targetBytes: target });
+    await call(b, b.setTarget, { vm, targetBytes: target });
     const inflated = await waitBalloon(target / 4096);
     const during = await usage();
     say(`  ${inflated.actualPages} of ${target / 4096} pages ballooned in ${Date.now() - t0} ms (${balloon.balloonModeToJSON(inflated.mode)}); guest memory file allocated ${(before / MiB).toFixed(1)} -> ${(during / MiB).toFixed(1)} MiB`);
-    await call(b.setTarget.bind(b), { vm, targetBytes: 0 });
+    await call(b, b.setTarget, { vm, targetBytes: 0 });
     const deflated = await waitBalloon(0);
     say(`  deflated: ${deflated.actualPages} pages in the balloon`);
   } finally {

@@ -5,10 +5,10 @@
 // The stack is found as the other drive commands find it: state.json in --state-dir
 // (default $VIRTMESH_STATE_DIR) for the NATS URL, else NATS_URL; then the registry
 // (svc.<host>.vhost-worker, vm.<vm>). Without NATS, the service records in state.json.
-import { credentials, Metadata, status as Status, type ServiceError } from "@grpc/grpc-js";
+import { credentials, status as Status, type ServiceError } from "@grpc/grpc-js";
 import { ConfigError, checkName } from "@virtmesh/config";
 import { connectNats, drainNats, Registry } from "@virtmesh/nats";
-import { ioband as pb } from "@virtmesh/proto";
+import { callUnary, ioband as pb } from "@virtmesh/proto";
 import { defaultStateDir, pidAlive, readState } from "./state";
 
 import { CliError, UsageError } from "./errors";
@@ -97,11 +97,6 @@ export function planIoband(values: IobandValues, pos: string[]): Plan | "help" {
   }
 }
 
-type Method<Req, Res> = (req: Req, md: Metadata, opts: { deadline: number }, cb: (e: ServiceError | null, r?: Res) => void) => unknown;
-
-function unaryCall<Req, Res>(client: pb.IobandServiceClient, method: Method<Req, Res>, req: Req): Promise<Res> {
-  return new Promise((resolve, reject) => method.call(client, req, new Metadata(), { deadline: Date.now() + 10_000 }, (e, r) => (e ? reject(e) : resolve(r!))));
-}
 
 interface Target {
   host: string;
@@ -173,14 +168,14 @@ export async function ioband(values: IobandValues, positionals: string[]): Promi
   try {
     switch (plan.op) {
       case "readDevices": {
-        const r = await unaryCall(client, client.readDevices, { cgroup: plan.cgroup }).catch((e: unknown) => {
+        const r = await callUnary(client, client.readDevices, { cgroup: plan.cgroup }).catch((e: unknown) => {
           throw failed(`blkio.devices read in ${plan.cgroup} ${on}`, e);
         });
         out(r.text);
         return 0;
       }
       case "readSettings": {
-        const r = await unaryCall(client, client.readSettings, { cgroup: plan.cgroup }).catch((e: unknown) => {
+        const r = await callUnary(client, client.readSettings, { cgroup: plan.cgroup }).catch((e: unknown) => {
           throw failed(`blkio.settings read in ${plan.cgroup} ${on}`, e);
         });
         out(r.text);
@@ -190,25 +185,25 @@ export async function ioband(values: IobandValues, positionals: string[]): Promi
       case "writeSettings": {
         const file = plan.op === "writeDevices" ? "blkio.devices" : "blkio.settings";
         const m = plan.op === "writeDevices" ? client.writeDevices : client.writeSettings;
-        await unaryCall(client, m, { cgroup: plan.cgroup, line: plan.line }).catch((e: unknown) => {
+        await callUnary(client, m, { cgroup: plan.cgroup, line: plan.line }).catch((e: unknown) => {
           throw failed(`${file} write ${JSON.stringify(plan.line)} in ${plan.cgroup} ${on}`, e);
         });
         return 0;
       }
       case "createCgroup": {
-        const r = await unaryCall(client, client.createCgroup, { path: plan.path }).catch((e: unknown) => {
+        const r = await callUnary(client, client.createCgroup, { path: plan.path }).catch((e: unknown) => {
           throw failed(`cgroup create ${plan.path} ${on}`, e);
         });
         out(`${r.path} id=${r.id}\n`);
         return 0;
       }
       case "removeCgroup":
-        await unaryCall(client, client.removeCgroup, { cgroup: plan.path }).catch((e: unknown) => {
+        await callUnary(client, client.removeCgroup, { cgroup: plan.path }).catch((e: unknown) => {
           throw failed(`cgroup remove ${plan.path} ${on}`, e);
         });
         return 0;
       case "listCgroups": {
-        const r = await unaryCall(client, client.listCgroups, {}).catch((e: unknown) => {
+        const r = await callUnary(client, client.listCgroups, {}).catch((e: unknown) => {
           throw failed(`cgroup list ${on}`, e);
         });
         const under = plan.under.replace(/\/+$/, "");
@@ -218,7 +213,7 @@ export async function ioband(values: IobandValues, positionals: string[]): Promi
         return 0;
       }
       case "attach":
-        await unaryCall(client, client.attachDevice, { vm: plan.vm, device: plan.device, cgroup: plan.cgroup }).catch((e: unknown) => {
+        await callUnary(client, client.attachDevice, { vm: plan.vm, device: plan.device, cgroup: plan.cgroup }).catch((e: unknown) => {
           throw failed(`attach ${plan.vm}/${plan.device} to ${plan.cgroup} ${on}`, e);
         });
         return 0;

@@ -7,13 +7,13 @@
 // 1x, 2x and 4x (quick: 4x only). Summary: guest_fio_pv_speedup_4x (queue
 // lock, PV on IOPS over PV off IOPS at 4x).
 import { randomBytes } from "node:crypto";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { availableParallelism, tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import type { BenchRow } from "@virtmesh/bench";
 import { guest } from "@virtmesh/proto";
-import { Stack, shmDirFor } from "../stack";
+import { Stack } from "../stack";
 
 const REPO_ROOT = resolve(__dirname, "../../..");
 const VM = "vm1";
@@ -106,9 +106,7 @@ export async function runGuestIoBench(opts: { quick: boolean; onProgress?: (line
     }
   } finally {
     client?.close();
-    await stack.stop();
-    const shm = shmDirFor({ shmBase: "/dev/shm", stackId }, HOST);
-    if (existsSync(shm)) rmSync(shm, { recursive: true, force: true });
+    await stack.stop(); // removes the stack's shared-memory directories too
     rmSync(dir, { recursive: true, force: true });
   }
   const ratio = (kind: string, f: number): number | null => {

@@ -16,7 +16,7 @@
 // verify_errors.
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { closeSync, existsSync, ftruncateSync, mkdtempSync, openSync, rmSync } from "node:fs";
+import { closeSync, ftruncateSync, mkdtempSync, openSync, rmSync } from "node:fs";
 import { loadavg, tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { performance } from "node:perf_hooks";
@@ -25,7 +25,7 @@ import * as grpc from "@grpc/grpc-js";
 import { LatencyHistogram, machineInfo, type BenchResult, type BenchRow } from "@virtmesh/bench";
 import { completion, guest, vhost } from "@virtmesh/proto";
 import { VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT } from "@virtmesh/virtio-blk";
-import { Stack, shmDirFor, type StackOptions } from "../stack";
+import { Stack, type StackOptions } from "../stack";
 import { BLK_RPC_SERVICE, RPC_HDR_BYTES, RPC_MAX_LEN, writeRpcHeader, type RpcPeerConfig, type RpcPeerReady } from "./wire";
 
 export type BlkBackendKind = "null" | "file";
@@ -247,9 +247,7 @@ class RingTarget {
     this.gd?.close();
     this.vw?.close();
     this.ct?.close();
-    if (this.stack) await this.stack.stop();
-    const shm = shmDirFor({ shmBase: "/dev/shm", stackId: this.stackId }, `bench-${this.backend}-${this.mode}`);
-    if (existsSync(shm)) rmSync(shm, { recursive: true, force: true });
+    if (this.stack) await this.stack.stop(); // removes the stack's shared-memory directory too
   }
 }
 

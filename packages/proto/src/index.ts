@@ -9,3 +9,4 @@ export * as balloon from "./gen/virtmesh/balloon/v1/balloon";
 export * as migration from "./gen/virtmesh/migration/v1/migration";
 export * as guest from "./gen/virtmesh/guest/v1/guest";
 export * as ioband from "./gen/virtmesh/ioband/v1/ioband";
+export { callUnary, type UnaryMethod } from "./call";

@@ -1,6 +1,6 @@
 // BalloonService: AttachVm (the guest driver's handshake), SetTarget, GetStats,
 // GetBalloonedPages. Thin: the work is in BalloonVm.
-import { Metadata, status as Status, type ServiceError } from "@grpc/grpc-js";
+import { status as Status, type ServiceError } from "@grpc/grpc-js";
 import { PAGE_SIZE, type BalloonMode } from "@virtmesh/balloon";
 import { NAME_RE } from "@virtmesh/config";
 import { balloon, type sidecar } from "@virtmesh/proto";
@@ -135,14 +135,3 @@ export function balloonService(d: HandlerDeps) {
   };
 }
 
-/** Promisified unary call with a deadline. */
-export function callUnary<Req, Res>(
-  client: object,
-  method: (req: Req, md: Metadata, opts: { deadline: number }, cb: (e: ServiceError | null, r?: Res) => void) => unknown,
-  req: Req,
-  timeoutMs = 10_000,
-): Promise<Res> {
-  return new Promise((resolve, reject) =>
-    method.call(client, req, new Metadata(), { deadline: Date.now() + timeoutMs }, (e, r) => (e ? reject(e) : resolve(r!))),
-  );
-}

@@ -1,11 +1,11 @@
 // balloon-host: the virtio-balloon device of every VM on this host (see README.md beside this folder).
 import type { Msg } from "@nats-io/transport-node";
 import { serviceSubject, vmSubject } from "@virtmesh/nats";
-import { balloon, sidecar } from "@virtmesh/proto";
+import { balloon, callUnary, sidecar } from "@virtmesh/proto";
 import { runService } from "@virtmesh/runtime";
 import { tracedPublish } from "@virtmesh/telemetry";
 import { BalloonVm, type BalloonVmEvents } from "./balloon-vm";
-import { balloonService, callUnary } from "./handlers";
+import { balloonService } from "./handlers";
 
 /** The ballooned bitmap is published at most this often per VM (the last change always goes out). */
 const PUBLISH_EVERY_MS = 50;

@@ -7,7 +7,7 @@ import { status as Status } from "@grpc/grpc-js";
 import { closeSync, mkdirSync, openSync, statSync, ftruncateSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { tmpdir, userInfo } from "node:os";
-import { completion, sidecar, vhost } from "@virtmesh/proto";
+import { callUnary, completion, sidecar, vhost } from "@virtmesh/proto";
 import type { ServiceContext } from "@virtmesh/runtime";
 import { Doorbell, mapFile, type SharedMapping } from "@virtmesh/shm";
 import { DriverQueue, GuestMemory, indirectAreaBytes, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1 } from "@virtmesh/virtqueue";
@@ -26,7 +26,6 @@ import { ConfigError, int, str } from "@virtmesh/config";
 import { isLockKind } from "@virtmesh/qspinlock";
 import { REQ_AREA_STRIDE, VirtioBlkDriver } from "./blk";
 import { GuestKernel } from "./kernel";
-import { callUnary } from "./rpc";
 import type { SpinlockConfig, VcpuBoot } from "./vcpu-protocol";
 import { GuestVcpus } from "./vcpus";
 

@@ -1,5 +1,6 @@
 // guest-driver: one VM (its vCPUs, virtio drivers, page allocator, workloads); see README.md.
 import { status as Status } from "@grpc/grpc-js";
+import { availableParallelism } from "node:os";
 import { context, trace, SpanKind, TraceFlags } from "@opentelemetry/api";
 import { isLockKind } from "@virtmesh/qspinlock";
 import { startSpanWithId } from "@virtmesh/telemetry";
@@ -10,7 +11,7 @@ import { VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID } from "@virt
 import { blkConfig, bootBlk, BLK_DEVICE, type BlkDevice } from "./boot";
 import { checkFioParams, mergeOutcome, newRunId, type FioParams, type RwMode, type SampledRequest, type TraceParent } from "./fio";
 import type { SpinlockConfig } from "./vcpu-protocol";
-import { GuestVcpus, VcpuRunError } from "./vcpus";
+import { VcpuRunError } from "./vcpus";
 import { createGuestAllocator, startGuestBalloon } from "./balloon";
 
 /** The guest span of a sampled request, under the span id its vCPU already gave the host. */
@@ -183,7 +184,7 @@ void runService({
               pv: lockCfg.pv,
               unfair: lockCfg.unfair,
               vcpus: vcpusUsed,
-              hostCores: GuestVcpus.hostCores(),
+              hostCores: availableParallelism(),
               acquisitions: st.acquired,
               slowpath: st.lockSlowpath,
               spins: st.spins,

@@ -2,7 +2,6 @@
 // job per vCPU in turn, possibly more of them than the host has cores. The
 // boot CPU (this thread, cpu 0) lays out vq->lock for each run, takes the
 // device's interrupts and posts each completion to the vCPU that issued it.
-import { availableParallelism } from "node:os";
 import { performance } from "node:perf_hooks";
 import { join } from "node:path";
 import { Worker } from "node:worker_threads";
@@ -167,11 +166,6 @@ export class GuestVcpus {
   /** Abandons the current run: vCPUs stop waiting for completions and report what they have. */
   abandon(): void {
     Atomics.store(this.kernel.ctl, CTL_STOP, 1);
-  }
-
-  /** Host cores the vCPU threads share. */
-  static hostCores(): number {
-    return availableParallelism();
   }
 
   async close(): Promise<void> {

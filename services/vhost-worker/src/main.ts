@@ -1,12 +1,11 @@
 // vhost-worker: the host's vhost-blk devices (seed 000); see README.md beside this folder.
 import { status as Status } from "@grpc/grpc-js";
-import { vhost, sidecar } from "@virtmesh/proto";
+import { callUnary, vhost, sidecar } from "@virtmesh/proto";
 import { GrpcError, runService } from "@virtmesh/runtime";
 import { blkCacheMode } from "./backend";
 import { DeviceTable, vhostBlkService } from "./handlers";
 import { registerIoband } from "./ioband";
 import { iobandBinder } from "./iobandpath";
-import { callUnary } from "./rpc";
 
 void runService({
   name: "vhost-worker",

@@ -13,7 +13,7 @@
 //   4. Guest workloads allocate through `b.allocPages(order)` (deflate-on-OOM).
 //   5. On shutdown `await b.stop()` before unmapping guest memory.
 
-import { status as Status, Metadata, type ServiceError } from "@grpc/grpc-js";
+import { status as Status, type ServiceError } from "@grpc/grpc-js";
 import {
   BalloonDriver,
   type BalloonMode,
@@ -31,7 +31,7 @@ import {
   featureBit,
   hasFeature,
 } from "@virtmesh/balloon";
-import { balloon, type sidecar } from "@virtmesh/proto";
+import { balloon, callUnary, type sidecar } from "@virtmesh/proto";
 import type { ServiceContext } from "@virtmesh/runtime";
 import { Doorbell } from "@virtmesh/shm";
 import { DriverQueue, type GuestMemory } from "@virtmesh/virtqueue";
@@ -96,15 +96,6 @@ export interface GuestBalloon {
   stop(): Promise<void>;
 }
 
-function callUnary<Req, Res>(
-  client: balloon.BalloonServiceClient,
-  method: (req: Req, md: Metadata, opts: { deadline: number }, cb: (e: ServiceError | null, r?: Res) => void) => unknown,
-  req: Req,
-): Promise<Res> {
-  return new Promise((resolve, reject) =>
-    method.call(client, req, new Metadata(), { deadline: Date.now() + 10_000 }, (e, r) => (e ? reject(e) : resolve(r!))),
-  );
-}
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
