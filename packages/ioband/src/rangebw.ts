@@ -14,7 +14,8 @@ export const RANGE_BW_UNIT_BYTES = 1024;
 /** A group owed service may bank up to time_slice_base (HZ/10) of its minimum. */
 const MIN_BURST_NS = 100_000_000;
 /** ... and may run ahead of its maximum by at most range_time_slice_base (HZ/50). */
-const MAX_BURST_NS = 20_000_000;
+export const RANGE_BW_MAX_BURST_NS = 20_000_000;
+const MAX_BURST_NS = RANGE_BW_MAX_BURST_NS;
 /** MINBW_IO_MODE priorities sit above every leftover priority. */
 const MINBW_PRIO_BASE = 1_000;
 const OVER_IO_RATE = 4;
