@@ -18,6 +18,7 @@ import type { GuestLock } from "@virtmesh/qspinlock";
 import type { Doorbell } from "@virtmesh/shm";
 import type { CompletionRing } from "@virtmesh/virtio-blk";
 import type { BufferSegment, DriverQueue, GuestMemory } from "@virtmesh/virtqueue";
+import * as Kernel from "./kernel";
 import type { GuestKernel } from "./kernel";
 import {
   BLK_HDR_BYTES,
@@ -47,6 +48,9 @@ interface SlotSegs {
   wDataStatus: BufferSegment[];
 }
 
+// A module-local copy: imported bindings are getters once transpiled to CommonJS.
+const { CTL_COMPLETED } = Kernel;
+
 export type CompletionHandler = (slot: number, status: number, usedLen: number) => void;
 
 export class VirtioBlkDriver {
@@ -54,8 +58,11 @@ export class VirtioBlkDriver {
   onComplete: CompletionHandler = () => undefined;
   irqs = 0;
   kicks = 0;
-  /** Used elements taken back (progress, for the RunFio watchdog). */
-  completed = 0;
+  /** Used elements taken back by any vCPU (progress, for the RunFio watchdog). */
+  get completed(): number {
+    return Atomics.load(this.kernelCtl, CTL_COMPLETED);
+  }
+  private readonly kernelCtl: Int32Array;
   private readonly segs: SlotSegs[] = [];
   private readonly headToSlot: Int32Array;
   private readonly slotHead: Int32Array;
@@ -68,6 +75,8 @@ export class VirtioBlkDriver {
   private nextSpanId = "";
   private nextTraceFlags = 0;
   private running = false;
+  private parked: Promise<void> | null = null;
+  private unparkNow: () => void = () => undefined;
   private loop: Promise<void> | null = null;
   private error: Error | null = null;
 
@@ -75,7 +84,7 @@ export class VirtioBlkDriver {
    * @param kernel the guest kernel memory holding the queue's shared driver state
    * @param cpu the vCPU this object runs on (its lock queue node and statistics)
    * @param lock vq->lock; every VirtioBlkDriver of the queue must use the same one
-   * @param call the interrupt doorbell: only the object that runs start() (cpu 0) needs it
+   * @param call the interrupt doorbell (the vCPU sleeps on it and takes interrupts), or null
    */
   constructor(
     readonly mem: GuestMemory,
@@ -92,6 +101,7 @@ export class VirtioBlkDriver {
     this.headToSlot = kernel.headToSlot;
     this.slotHead = kernel.slotHead;
     this.slotTraced = kernel.slotTraced;
+    this.kernelCtl = kernel.ctl;
     for (let s = 0; s < slots; s++) {
       const base = reqArea + s * REQ_AREA_STRIDE;
       const hdr = { addr: base, len: BLK_HDR_BYTES };
@@ -198,7 +208,31 @@ export class VirtioBlkDriver {
     }
   }
 
-  /** Runs the interrupt handler (virtblk_done) on this thread. */
+  /**
+   * The interrupt handler (virtblk_done): under vq->lock, take everything used
+   * and re-enable callbacks the §2.7.14 way (re-check after enabling) so none
+   * is lost. Any vCPU may run it. Returns false if the device broke the used
+   * ring protocol (see failure): the queue is unusable (Linux: BAD_RING).
+   */
+  handleInterrupt(): boolean {
+    const dq = this.dq;
+    const lock = this.lock; // a fio run may have configured another one
+    lock.lock(this.cpu);
+    try {
+      do {
+        dq.disableCallbacks();
+        this.drain();
+      } while (dq.enableCallbacks());
+      return true;
+    } catch (e) {
+      this.error = e as Error;
+      return false;
+    } finally {
+      lock.unlock(this.cpu);
+    }
+  }
+
+  /** Runs an interrupt loop on this thread (the boot CPU) until stop(). */
   start(): void {
     if (this.running) return;
     if (this.call === null) throw new Error("VirtioBlkDriver.start: this vCPU has no interrupt doorbell");
@@ -206,34 +240,40 @@ export class VirtioBlkDriver {
     this.loop = this.irqLoop(this.call);
   }
 
+  /**
+   * While a fio run's vCPUs take the queue's interrupts themselves (its
+   * affinity is theirs), the boot CPU's loop stands aside, so one interrupt
+   * wakes one vCPU rather than that vCPU and the boot CPU too.
+   */
+  park(): void {
+    if (this.parked === null) this.parked = new Promise((resolve) => (this.unparkNow = resolve));
+    this.call?.ring(); // out of its doorbell wait, into the parked one
+  }
+
+  unpark(): void {
+    this.parked = null;
+    this.unparkNow();
+    this.call?.ring(); // the boot CPU re-checks the used ring at once
+  }
+
   async stop(): Promise<void> {
     this.running = false;
-    this.call?.ring();
+    this.unpark();
     await this.loop;
   }
 
   private async irqLoop(call: Doorbell): Promise<void> {
     const dq = this.dq;
-    const cpu = this.cpu;
-    const check = (): boolean => !this.running || dq.hasUsed();
+    const check = (): boolean => !this.running || this.parked !== null || dq.hasUsed();
     while (this.running) {
-      const lock = this.lock; // a fio run may have configured another one
-      // virtblk_done: under vq->lock, take everything used, and re-enable
-      // callbacks the §2.7.14 way (re-check after enabling) so none is lost.
-      lock.lock(cpu);
-      try {
-        do {
-          dq.disableCallbacks();
-          this.drain();
-        } while (dq.enableCallbacks());
-      } catch (e) {
-        // DeviceProtocolError: a lying device. The queue is unusable (Linux: BAD_RING).
-        this.error = e as Error;
-        this.running = false;
-      } finally {
-        lock.unlock(cpu);
+      if (this.parked !== null) {
+        await this.parked;
+        continue;
       }
-      if (!this.running) break;
+      if (!this.handleInterrupt()) {
+        this.running = false;
+        break;
+      }
       await call.spinThenWait(check, { maxSpinUs: 20 }).catch(() => {
         this.running = false;
       });
@@ -246,7 +286,7 @@ export class VirtioBlkDriver {
     for (let u = this.dq.popUsed(); u; u = this.dq.popUsed()) {
       const slot = this.headToSlot[u.id]!;
       this.headToSlot[u.id] = -1;
-      this.completed++;
+      this.kernelCtl[CTL_COMPLETED]!++; // under vq->lock
       if (this.slotTraced[slot] === 1) {
         // Before the head can be reused by an unsampled request.
         this.traceRing?.clearTrace(u.id);

@@ -193,6 +193,7 @@ export async function bootBlk(ctx: ServiceContext, vm: string, cfg: BlkConfig): 
     memoryPath: layout.memoryPath,
     memoryBytes: layout.memoryBytes,
     kickPath: qr.kickPath,
+    callPath: qr.callPath,
     queue: qcfg,
     indirectArea,
     reqArea,
@@ -202,7 +203,7 @@ export async function bootBlk(ctx: ServiceContext, vm: string, cfg: BlkConfig): 
     diskBytes,
     completionRing: { path: cringPath, bytes: cringBytes },
   };
-  const vcpus = new GuestVcpus(kernel, boot);
+  const vcpus = new GuestVcpus(kernel, boot, () => call.ring());
   // The boot CPU (cpu 0, this thread) runs the interrupt handler and control requests.
   const driver = new VirtioBlkDriver(mem, dq, kick, call, reqArea, slots, kernel, 0, vcpus.layOutLock(cfg.spinlock).lock);
   driver.traceRing = CompletionRing.open(cringMap.buffer);

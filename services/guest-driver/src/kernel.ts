@@ -1,10 +1,10 @@
 // The guest kernel's own memory that every vCPU thread shares: the virtio-blk
 // queue's driver state (struct vring_virtqueue and virtio_blk's request map),
-// the spinlock that guards them (vq->lock), and per-vCPU completion mailboxes
-// (the IPI that blk-mq sends to complete a request on the CPU that issued it).
+// the spinlock that guards them (vq->lock), which vCPU owns each request slot,
+// and per-vCPU completion mailboxes (the IPI that blk-mq sends to complete a
+// request on the CPU that issued it).
 // One SharedArrayBuffer, private to this process: the device never sees it.
 import { guestLockBytes } from "@virtmesh/qspinlock";
-import { performance } from "node:perf_hooks";
 import { driverStateBytes } from "@virtmesh/virtqueue";
 
 export interface KernelGeometry {
@@ -18,10 +18,11 @@ export interface KernelGeometry {
 // Mailbox header words (per vCPU); the ring of completions follows.
 export const MB_HEAD = 0; // written by the interrupt handler
 export const MB_TAIL = 1; // written by the vCPU
-export const MB_SLEEPING = 2; // the vCPU is (about to be) waiting for a completion IPI
+export const MB_SLEEPING = 2; // the vCPU is (about to be) halted: a completion for it must wake it
 export const MB_HDR_WORDS = 16;
 // Control words.
 export const CTL_STOP = 0; // the run is abandoned: vCPUs stop waiting
+export const CTL_COMPLETED = 1; // used elements taken back so far (written under vq->lock)
 export const CTL_WORDS = 16;
 
 const align64 = (n: number): number => Math.ceil(n / 64) * 64;
@@ -35,6 +36,8 @@ export class GuestKernel {
   readonly slotHead: Int32Array;
   /** 1 while the slot's request carries a sampled trace in the head's trace slot. */
   readonly slotTraced: Int32Array;
+  /** Request slot -> vCPU whose fio job owns it in the current run (0: none, the boot CPU). */
+  readonly slotOwner: Int32Array;
   readonly lockOffset: number;
   readonly ctl: Int32Array;
   /** Mailbox ring entries: capacity per vCPU (every slot could complete at once, plus one). */
@@ -54,6 +57,8 @@ export class GuestKernel {
     off = align64(off + 4 * slots);
     const st = off;
     off = align64(off + 4 * slots);
+    const so = off;
+    off = align64(off + 4 * slots);
     this.lockOffset = off;
     off = align64(off + guestLockBytes(vcpus + 1));
     const ctl = off;
@@ -66,6 +71,7 @@ export class GuestKernel {
     this.headToSlot = new Int32Array(this.sab, h2s, queueSize);
     this.slotHead = new Int32Array(this.sab, sh, slots);
     this.slotTraced = new Int32Array(this.sab, st, slots);
+    this.slotOwner = new Int32Array(this.sab, so, slots);
     this.ctl = new Int32Array(this.sab, ctl, CTL_WORDS);
     this.words = new Int32Array(this.sab);
     if (!sab) {
@@ -90,10 +96,12 @@ export class GuestKernel {
 const nextIndex = (i: number, cap: number): number => (i + 1 === cap ? 0 : i + 1);
 
 /**
- * The interrupt handler's side of a vCPU mailbox: queue a completion
- * (slot, status) and send the IPI if the vCPU is waiting. Single producer.
+ * The interrupt handler's side of a vCPU mailbox: queue a completion (slot,
+ * status) for vCPU cpu. Whoever runs the handler holds vq->lock, so there is
+ * one producer at a time. Returns true if that vCPU is halted: the caller must
+ * wake it (ring the call doorbell it sleeps on: the IPI).
  */
-export function postCompletion(k: GuestKernel, cpu: number, slot: number, status: number): void {
+export function postCompletion(k: GuestKernel, cpu: number, slot: number, status: number): boolean {
   const w = k.words;
   const mb = k.mailbox(cpu);
   const head = w[mb + MB_HEAD]!;
@@ -101,13 +109,13 @@ export function postCompletion(k: GuestKernel, cpu: number, slot: number, status
   // Seq-cst store of head, then seq-cst load of SLEEPING: with the vCPU's
   // store-SLEEPING-then-load-head this cannot lose a wake-up.
   Atomics.store(w, mb + MB_HEAD, nextIndex(head, k.mbCapacity));
-  if (Atomics.load(w, mb + MB_SLEEPING) !== 0) Atomics.notify(w, mb + MB_HEAD, 1);
+  return Atomics.load(w, mb + MB_SLEEPING) !== 0;
 }
 
 /** pollCompletion() found nothing. */
 export const MAILBOX_EMPTY = -2;
 
-/** The vCPU's side, without waiting: the next completion (slot << 8 | status), or MAILBOX_EMPTY. */
+/** The vCPU's side: the next completion (slot << 8 | status), or MAILBOX_EMPTY. */
 export function pollCompletion(k: GuestKernel, cpu: number): number {
   const w = k.words;
   const mb = k.mailbox(cpu);
@@ -118,29 +126,15 @@ export function pollCompletion(k: GuestKernel, cpu: number): number {
   return e;
 }
 
-/**
- * The vCPU's side: the next completion (slot << 8 | status) for vCPU cpu,
- * halting until one arrives. Returns -1 once CTL_STOP is set, or, when
- * `untilMs` (a performance.now() time) is given, ignores CTL_STOP and returns
- * -1 at that time instead: an abandoned run draining what it has in flight.
- */
-export function takeCompletion(k: GuestKernel, cpu: number, untilMs = 0): number {
-  const w = k.words;
+/** Whether vCPU cpu has a completion waiting. */
+export function hasCompletion(k: GuestKernel, cpu: number): boolean {
   const mb = k.mailbox(cpu);
-  for (;;) {
-    const c = pollCompletion(k, cpu);
-    if (c !== MAILBOX_EMPTY) return c;
-    let waitMs = 100;
-    if (untilMs > 0) {
-      waitMs = Math.min(waitMs, untilMs - performance.now());
-      if (waitMs <= 0) return -1;
-    } else if (Atomics.load(k.ctl, CTL_STOP) !== 0) return -1;
-    // Idle: HLT until the IPI (re-check after announcing it, see postCompletion).
-    const tail = Atomics.load(w, mb + MB_TAIL);
-    Atomics.store(w, mb + MB_SLEEPING, 1);
-    if (Atomics.load(w, mb + MB_HEAD) === tail) Atomics.wait(w, mb + MB_HEAD, tail, waitMs);
-    Atomics.store(w, mb + MB_SLEEPING, 0);
-  }
+  return Atomics.load(k.words, mb + MB_HEAD) !== Atomics.load(k.words, mb + MB_TAIL);
+}
+
+/** Announces (1) or withdraws (0) that vCPU cpu is about to halt; re-check the mailbox after announcing. */
+export function setHalted(k: GuestKernel, cpu: number, halted: 0 | 1): void {
+  Atomics.store(k.words, k.mailbox(cpu) + MB_SLEEPING, halted);
 }
 
 /** Empties every mailbox (between runs). */

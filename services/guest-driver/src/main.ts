@@ -153,12 +153,15 @@ void runService({
         const parentCtx = context.active();
         const sc = trace.getSpanContext(parentCtx);
         const parent: TraceParent | null = sc && (sc.traceFlags & TraceFlags.SAMPLED) !== 0 ? { traceId: sc.traceId, traceFlags: sc.traceFlags } : null;
+        // The run's vCPUs take the queue's interrupts themselves; the boot CPU stands aside.
+        blk.driver.park();
         const running = blk.vcpus.run(p, lockCfg, newRunId(), parent, traceEvery);
         // The next run may start only once every vCPU of this one has stopped, even if this call fails first.
-        running.then(
-          () => (fioBusy = false),
-          () => (fioBusy = false),
-        );
+        const settled = (): void => {
+          blk.driver.unpark();
+          fioBusy = false;
+        };
+        running.then(settled, settled);
         try {
           const { partials: parts, elapsedMs } = await Promise.race([running, stalled]);
           const left = parts.reduce((a, x) => a + x.inflight, 0);

@@ -12,6 +12,8 @@ export interface VcpuBoot {
   memoryPath: string;
   memoryBytes: number;
   kickPath: string;
+  /** The queue's interrupt doorbell: an idle vCPU halts on it and takes the interrupt. */
+  callPath: string;
   queue: QueueConfig;
   indirectArea: { addr: number; maxIndirect: number } | null;
   reqArea: number;

@@ -1,8 +1,10 @@
 // One guest vCPU as a worker thread: it maps guest memory, joins the blk queue
 // through the guest kernel's shared driver state, and runs the fio jobs it is
 // given, taking vq->lock (the configured guest spinlock) around every queue
-// operation. It halts in the guest's idle loop until the interrupt handler on
-// the boot CPU posts one of its completions.
+// operation. When idle it halts on the queue's interrupt doorbell; woken, it
+// runs the interrupt handler itself if the used ring has entries (posting each
+// completion to the vCPU that issued it, and waking that one if it is halted),
+// then works through its own mailbox.
 import { parentPort, workerData } from "node:worker_threads";
 import { performance } from "node:perf_hooks";
 import { LockSpace, lockFromSpace } from "@virtmesh/qspinlock";
@@ -11,7 +13,7 @@ import { CompletionRing } from "@virtmesh/virtio-blk";
 import { DriverQueue, GuestMemory } from "@virtmesh/virtqueue";
 import { VirtioBlkDriver } from "./blk";
 import { runJobs } from "./fio";
-import { GuestKernel, MAILBOX_EMPTY, pollCompletion, takeCompletion } from "./kernel";
+import { CTL_STOP, GuestKernel, MAILBOX_EMPTY, hasCompletion, pollCompletion, postCompletion, setHalted } from "./kernel";
 import type { VcpuBoot, VcpuReply, VcpuRun } from "./vcpu-protocol";
 
 const boot = workerData as VcpuBoot;
@@ -21,35 +23,63 @@ const kernel = new GuestKernel(boot.geom, boot.kernelSab);
 const memMap = mapFile(boot.memoryPath, boot.memoryBytes);
 const mem = new GuestMemory(memMap.buffer, { size: boot.memoryBytes });
 const kick = Doorbell.open(boot.kickPath);
+const call = Doorbell.open(boot.callPath);
 const dq = new DriverQueue(mem, boot.queue, {
   ...(boot.indirectArea ? { indirectArea: boot.indirectArea } : {}),
   sharedState: { buffer: boot.kernelSab, byteOffset: kernel.driverStateOffset, attach: true },
 });
 const space = LockSpace.attach(boot.kernelSab, kernel.lockOffset);
-const driver = new VirtioBlkDriver(mem, dq, kick, null, boot.reqArea, boot.slots, kernel, cpu, lockFromSpace(space, 0, "queue", false));
+const driver = new VirtioBlkDriver(mem, dq, kick, call, boot.reqArea, boot.slots, kernel, cpu, lockFromSpace(space, 0, "queue", false));
+// The interrupt handler's routing, on whichever vCPU runs it (under vq->lock).
+let wakeOthers = false;
+driver.onComplete = (slot, status) => {
+  const owner = kernel.slotOwner[slot]!;
+  if (owner > 0 && postCompletion(kernel, owner, slot, status) && owner !== cpu) wakeOthers = true;
+};
 const cringMap = boot.completionRing ? mapFile(boot.completionRing.path, boot.completionRing.bytes) : null;
 if (cringMap) driver.traceRing = CompletionRing.open(cringMap.buffer);
 
 const env = { driver, dataBase: boot.dataBase, maxBs: boot.maxBs, slots: boot.slots - 1, diskBytes: boot.diskBytes, traceEvery: 0 };
-// Before the vCPU halts for its next completion, it kicks the device for what it
-// queued since the last kick (blk-mq's commit_rqs at the end of a batch).
-const src = {
-  next(): number {
+const stopped = (): boolean => Atomics.load(kernel.ctl, CTL_STOP) !== 0;
+const idleCheck = (): boolean => hasCompletion(kernel, cpu) || dq.hasUsed() || stopped();
+
+/**
+ * The next completion for this vCPU: from its mailbox, else by taking the
+ * interrupt, else by halting on the interrupt doorbell (after an adaptive
+ * halt poll). Before it halts it kicks the device for what it queued since
+ * the last kick (blk-mq's commit_rqs at the end of a batch). -1 when the run
+ * is stopped, or, with untilMs (draining an abandoned run), at that time.
+ */
+function take(untilMs: number): number {
+  for (;;) {
     const c = pollCompletion(kernel, cpu);
     if (c !== MAILBOX_EMPTY) return c;
+    if (dq.hasUsed()) {
+      if (!driver.handleInterrupt()) throw driver.failure!;
+      if (wakeOthers) {
+        wakeOthers = false;
+        call.ring();
+      }
+      continue;
+    }
     driver.notify();
-    return takeCompletion(kernel, cpu);
-  },
-  drain(untilMs: number): number {
-    driver.notify();
-    return takeCompletion(kernel, cpu, untilMs);
-  },
-};
+    let waitMs = 100;
+    if (untilMs > 0) {
+      waitMs = untilMs - performance.now();
+      if (waitMs <= 0) return -1;
+    } else if (stopped()) return -1;
+    setHalted(kernel, cpu, 1);
+    call.spinThenWaitSync(idleCheck, { maxSpinUs: 20, timeoutMs: Math.min(waitMs, 100) });
+    setHalted(kernel, cpu, 0);
+  }
+}
+const src = { next: (): number => take(0), drain: (untilMs: number): number => take(untilMs) };
 
 port.on("message", (m: VcpuRun | { type: "exit" }) => {
   if (m.type === "exit") {
     cringMap?.unmap();
     kick.close();
+    call.close();
     memMap.unmap();
     port.close();
     return;

@@ -1,7 +1,8 @@
 // The guest's vCPUs: worker threads (vcpu-worker.ts) that run fio jobs, one
 // job per vCPU in turn, possibly more of them than the host has cores. The
-// boot CPU (this thread, cpu 0) lays out vq->lock for each run, takes the
-// device's interrupts and posts each completion to the vCPU that issued it.
+// boot CPU (this thread, cpu 0) lays out vq->lock for each run; during a run
+// the vCPUs take the queue's interrupts themselves and post each completion to
+// the vCPU that issued it.
 import { performance } from "node:perf_hooks";
 import { join } from "node:path";
 import { Worker } from "node:worker_threads";
@@ -40,16 +41,14 @@ export class GuestVcpus {
   private readonly starting = new Map<number, Promise<void>>();
   private pending: Pending | null = null;
   private gen = 0;
-  /** Slot -> vCPU whose job owns it (0: none). */
-  private readonly owner: Int32Array;
   private closed = false;
 
+  /** @param wake rings the call doorbell halted vCPUs sleep on (the IPI) */
   constructor(
     readonly kernel: GuestKernel,
     private readonly boot: Omit<VcpuBoot, "cpu">,
-  ) {
-    this.owner = new Int32Array(kernel.geom.slots);
-  }
+    private readonly wake: () => void,
+  ) {}
 
   get count(): number {
     return this.kernel.geom.vcpus;
@@ -63,9 +62,9 @@ export class GuestVcpus {
 
   /** The interrupt handler's routing of a workload completion (called under vq->lock). */
   complete(slot: number, status: number): boolean {
-    const cpu = this.owner[slot] ?? 0;
+    const cpu = this.kernel.slotOwner[slot] ?? 0;
     if (cpu === 0) return false;
-    postCompletion(this.kernel, cpu, slot, status);
+    if (postCompletion(this.kernel, cpu, slot, status)) this.wake();
     return true;
   }
 
@@ -140,12 +139,13 @@ export class GuestVcpus {
     await Promise.all(cpus.map((c) => this.start(c)));
     if (this.closed) throw new Error("the guest's vCPUs are shut down");
     resetMailboxes(this.kernel);
-    this.owner.fill(0);
+    const owner = this.kernel.slotOwner;
+    owner.fill(0);
     const jobsOf = new Map<number, number[]>(cpus.map((c) => [c, []]));
     for (let j = 0; j < p.numjobs; j++) {
       const cpu = 1 + (j % n);
       jobsOf.get(cpu)!.push(j);
-      for (let s = j * p.iodepth; s < (j + 1) * p.iodepth; s++) this.owner[s] = cpu;
+      for (let s = j * p.iodepth; s < (j + 1) * p.iodepth; s++) owner[s] = cpu;
     }
     const gen = ++this.gen;
     const deadlineEpochMs = p.runtimeMs > 0 ? Date.now() + p.runtimeMs : null;
@@ -159,7 +159,7 @@ export class GuestVcpus {
     try {
       return await done;
     } finally {
-      this.owner.fill(0);
+      owner.fill(0);
     }
   }
 
