@@ -133,7 +133,7 @@ export class BalloonStack {
 
   /** A VM with the balloon queues, its memory mapped here, a buddy allocator over guest RAM with its metadata in guest memory. */
   async createGuest(vm: string, memoryBytes: number): Promise<Guest> {
-    const layout = await call(this.sidecar, this.sidecar.createVm, { vm, memoryBytes, queues: balloonQueueSpecs(64) });
+    const layout = await call(this.sidecar, this.sidecar.createVm, { incoming: false, vm, memoryBytes, queues: balloonQueueSpecs(64) });
     const mapping = mapFile(layout.memoryPath, layout.memoryBytes);
     this.mappings.push(mapping);
     const memory = new GuestMemory(mapping.buffer);

@@ -192,7 +192,7 @@ test("gRPC checks: unknown VM, bad names, a target larger than guest RAM", async
   await rejects(call(stack.balloon, stack.balloon.getStats, { vm: "../x" }), Status.INVALID_ARGUMENT, /vm '\.\.\/x' is not a valid name/);
   await rejects(call(stack.balloon, stack.balloon.setTarget, { vm: "vm-pfn", targetBytes: MEM }), Status.OUT_OF_RANGE, /exceeds vm vm-pfn's guest RAM of \d+ pages/);
   await rejects(call(stack.balloon, stack.balloon.attachVm, { vm: "ghost", driverFeatures: 0 }), Status.NOT_FOUND, /vm 'ghost' does not exist on host bt1/);
-  await call(stack.sidecar, stack.sidecar.createVm, { vm: "plain", memoryBytes: MIB, queues: [] });
+  await call(stack.sidecar, stack.sidecar.createVm, { incoming: false, vm: "plain", memoryBytes: MIB, queues: [] });
   await rejects(call(stack.balloon, stack.balloon.attachVm, { vm: "plain", driverFeatures: 0 }), Status.FAILED_PRECONDITION, /vm plain has no balloon device/);
 });
 
@@ -242,7 +242,7 @@ test("virtmesh balloon set|stats (cli/src/balloon.ts) finds the VM's balloon-hos
 
 test("the sidecar's vm-destroyed detaches the balloon; a late event for a destroyed-and-recreated VM does not", async () => {
   const vm = "vm-cycle";
-  const spec = { vm, memoryBytes: 4 * MIB, queues: guestCfg.balloonQueueSpecs(16) };
+  const spec = { incoming: false, vm, memoryBytes: 4 * MIB, queues: guestCfg.balloonQueueSpecs(16) };
   await call(stack.sidecar, stack.sidecar.createVm, spec);
   await call(stack.balloon, stack.balloon.attachVm, { vm, driverFeatures: 0 });
   assert.equal((await stack.stats(vm)).vm, vm);

@@ -4,7 +4,7 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, rmSync, statSync } from "node:fs";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { credentials, Metadata, status as Status, type ServiceError } from "@grpc/grpc-js";
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { connectNats, Registry, startNatsServer, type NatsServerHandle } from "@virtmesh/nats";
@@ -12,6 +12,9 @@ import { sidecar } from "@virtmesh/proto";
 import { mapFile, type SharedMapping } from "@virtmesh/shm";
 import { DirtyLog } from "@virtmesh/virtqueue";
 
+// Resolved from this file, so the suite tests the clone it lives in, wherever that is.
+const ROOT = resolve(__dirname, "..");
+const SIDECAR_MAIN = join(ROOT, "services/shm-sidecar/src/main.ts");
 const HOST = "t1";
 const MIB = 1 << 20;
 const PG = 4096;
@@ -71,7 +74,7 @@ before(async () => {
   tmp = mkdtempSync("/dev/shm/virtmesh-test-");
   // A directory that does not exist yet: the sidecar creates it and must remove it.
   shmDir = join(tmp, "shm");
-  child = spawn(process.execPath, ["--require", "tsx/cjs", "/work/main/services/shm-sidecar/src/main.ts"], {
+  child = spawn(process.execPath, ["--require", "tsx/cjs", SIDECAR_MAIN], {
     env: {
       ...process.env,
       NATS_URL: nats.url,
@@ -85,7 +88,7 @@ before(async () => {
   child.stderr?.on("data", (d: Buffer) => (childStderr = (childStderr + d.toString()).slice(-8000)));
   const proc = child;
   childExit = new Promise((resolve) => proc.once("exit", (code, signal) => resolve({ code, signal })));
-  badChild = spawn(process.execPath, ["--require", "tsx/cjs", "/work/main/services/shm-sidecar/src/main.ts"], {
+  badChild = spawn(process.execPath, ["--require", "tsx/cjs", SIDECAR_MAIN], {
     env: { ...process.env, NATS_URL: nats.url, VIRTMESH_HOST: "t2", VIRTMESH_SHM_DIR: "/proc/virtmesh-e2e/shm", OTEL_SDK_DISABLED: "true" },
     stdio: ["ignore", "ignore", "pipe"],
   });
@@ -147,7 +150,7 @@ const QUEUES: sidecar.QueueSpec[] = [
 let vm1: sidecar.VmLayout;
 
 test("CreateVm lays out memory, rings at the top, doorbells and dirty logs; DescribeVm and ListVms agree", async () => {
-  vm1 = await call(c().createVm, { vm: "vm1", memoryBytes: 16 * MIB, queues: QUEUES });
+  vm1 = await call(c().createVm, { incoming: false, vm: "vm1", memoryBytes: 16 * MIB, queues: QUEUES });
   assert.equal(vm1.vm, "vm1");
   assert.equal(vm1.host, HOST);
   assert.equal(vm1.shmDir, shmDir);
@@ -202,7 +205,7 @@ test("another process maps the memory file MAP_SHARED and sees this process's wr
     process.stdout.write(Buffer.from(ram.subarray(${at}, ${at + 20})).toString());
     ram.set(Buffer.from("reply"), ${at + 4096});
     m.unmap();`;
-  const r = spawnSync(process.execPath, ["--require", "tsx/cjs", "-e", code], { cwd: "/work/main", encoding: "utf8" });
+  const r = spawnSync(process.execPath, ["--require", "tsx/cjs", "-e", code], { cwd: ROOT, encoding: "utf8" });
   assert.equal(r.status, 0, r.stderr);
   assert.equal(r.stdout, "hello from the guest");
   assert.equal(Buffer.from(ram.subarray(at + 4096, at + 4096 + 5)).toString(), "reply");
@@ -213,43 +216,43 @@ test("another process maps the memory file MAP_SHARED and sees this process's wr
 
 test("bad names, sizes, queues and duplicates get INVALID_ARGUMENT / RESOURCE_EXHAUSTED / ALREADY_EXISTS naming the field", async () => {
   for (const vm of ["../x", "A", "", "a/b", "-x", "x".repeat(64)]) {
-    await rejects(call(c().createVm, { vm, memoryBytes: MIB, queues: [] }), Status.INVALID_ARGUMENT, /^vm '.*' is not a valid name/);
+    await rejects(call(c().createVm, { incoming: false, vm, memoryBytes: MIB, queues: [] }), Status.INVALID_ARGUMENT, /^vm '.*' is not a valid name/);
   }
   await rejects(call(c().describeVm, { vm: "../vm1" }), Status.INVALID_ARGUMENT, /vm '\.\.\/vm1' is not a valid name/);
-  await rejects(call(c().createVm, { vm: "v2", memoryBytes: 0, queues: [] }), Status.INVALID_ARGUMENT, /memory_bytes 0 must be a positive multiple of 4096/);
-  await rejects(call(c().createVm, { vm: "v2", memoryBytes: 5000, queues: [] }), Status.INVALID_ARGUMENT, /memory_bytes 5000 is not a multiple of the 4096-byte page size/);
+  await rejects(call(c().createVm, { incoming: false, vm: "v2", memoryBytes: 0, queues: [] }), Status.INVALID_ARGUMENT, /memory_bytes 0 must be a positive multiple of 4096/);
+  await rejects(call(c().createVm, { incoming: false, vm: "v2", memoryBytes: 5000, queues: [] }), Status.INVALID_ARGUMENT, /memory_bytes 5000 is not a multiple of the 4096-byte page size/);
   await rejects(
-    call(c().createVm, { vm: "v2", memoryBytes: MAX_VM_BYTES + PG, queues: [] }),
+    call(c().createVm, { incoming: false, vm: "v2", memoryBytes: MAX_VM_BYTES + PG, queues: [] }),
     Status.RESOURCE_EXHAUSTED,
     /memory_bytes 268439552 exceeds this sidecar's limit of 268435456 bytes \(VIRTMESH_MAX_VM_BYTES\)/,
   );
-  await rejects(call(c().createVm, { vm: "v2", memoryBytes: 2 ** 60, queues: [] }), Status.INVALID_ARGUMENT, /CreateVm: the request cannot be decoded.*2\^53-1/);
+  await rejects(call(c().createVm, { incoming: false, vm: "v2", memoryBytes: 2 ** 60, queues: [] }), Status.INVALID_ARGUMENT, /CreateVm: the request cannot be decoded.*2\^53-1/);
   await rejects(
-    call(c().createVm, { vm: "v2", memoryBytes: MIB, queues: [{ device: "blk0", index: 0, size: 3 }] }),
+    call(c().createVm, { incoming: false, vm: "v2", memoryBytes: MIB, queues: [{ device: "blk0", index: 0, size: 3 }] }),
     Status.INVALID_ARGUMENT,
     /queues\[0\]\.size 3 is not a power of 2 in \[1, 32768\]/,
   );
   await rejects(
-    call(c().createVm, { vm: "v2", memoryBytes: MIB, queues: [{ device: "blk0", index: 0, size: 65536 }] }),
+    call(c().createVm, { incoming: false, vm: "v2", memoryBytes: MIB, queues: [{ device: "blk0", index: 0, size: 65536 }] }),
     Status.INVALID_ARGUMENT,
     /queues\[0\]\.size 65536/,
   );
   await rejects(
-    call(c().createVm, { vm: "v2", memoryBytes: MIB, queues: [{ device: "Blk", index: 0, size: 8 }] }),
+    call(c().createVm, { incoming: false, vm: "v2", memoryBytes: MIB, queues: [{ device: "Blk", index: 0, size: 8 }] }),
     Status.INVALID_ARGUMENT,
     /queues\[0\]\.device 'Blk' is not a valid name/,
   );
   await rejects(
-    call(c().createVm, { vm: "v2", memoryBytes: MIB, queues: [QUEUES[0]!, QUEUES[0]!] }),
+    call(c().createVm, { incoming: false, vm: "v2", memoryBytes: MIB, queues: [QUEUES[0]!, QUEUES[0]!] }),
     Status.INVALID_ARGUMENT,
     /queues\[1\]: device 'blk0' queue 0 is listed twice/,
   );
   await rejects(
-    call(c().createVm, { vm: "v2", memoryBytes: 2 * PG, queues: [{ device: "blk0", index: 0, size: 256 }] }),
+    call(c().createVm, { incoming: false, vm: "v2", memoryBytes: 2 * PG, queues: [{ device: "blk0", index: 0, size: 256 }] }),
     Status.INVALID_ARGUMENT,
     /queues need 12288 bytes at the top of guest memory; memory_bytes 8192 must be larger/,
   );
-  await rejects(call(c().createVm, { vm: "vm1", memoryBytes: MIB, queues: [] }), Status.ALREADY_EXISTS, /vm 'vm1' already exists on host t1/);
+  await rejects(call(c().createVm, { incoming: false, vm: "vm1", memoryBytes: MIB, queues: [] }), Status.ALREADY_EXISTS, /vm 'vm1' already exists on host t1/);
   await rejects(call(c().describeVm, { vm: "nope" }), Status.NOT_FOUND, /vm 'nope' does not exist on host t1/);
   // Nothing was created by any refused request.
   assert.deepEqual(readdirSync(shmDir), ["vm1"]);
@@ -391,8 +394,8 @@ test("ReceivePages writes migrated pages into guest memory; zero batches punch h
 });
 
 test("DestroyVm removes the VM's files; SIGTERM exits 0 and leaves nothing in /dev/shm", async () => {
-  await call(c().createVm, { vm: "vm2", memoryBytes: 8 * MIB, queues: [{ device: "blk0", index: 0, size: 128 }] });
-  await call(c().createVm, { vm: "vm3", memoryBytes: 4 * MIB, queues: [] });
+  await call(c().createVm, { incoming: false, vm: "vm2", memoryBytes: 8 * MIB, queues: [{ device: "blk0", index: 0, size: 128 }] });
+  await call(c().createVm, { incoming: false, vm: "vm3", memoryBytes: 4 * MIB, queues: [] });
   assert.deepEqual(await call(c().destroyVm, { vm: "vm3" }), { existed: true });
   assert.ok(!existsSync(join(shmDir, "vm3")));
   await waitFor("vm-destroyed", () => events.find((e) => e.subject.endsWith(".vm-destroyed") && e.body.vm === "vm3"));

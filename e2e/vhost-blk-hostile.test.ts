@@ -103,7 +103,7 @@ class EvilVm {
     return { vm: this.vm, device: "blk0" };
   }
   async boot(): Promise<void> {
-    const layout = (await call(sc, sc.createVm, { vm: this.vm, memoryBytes: 4 << 20, queues: [{ device: "blk0", index: 0, size: QSIZE }] })) as sidecar.VmLayout;
+    const layout = (await call(sc, sc.createVm, { incoming: false, vm: this.vm, memoryBytes: 4 << 20, queues: [{ device: "blk0", index: 0, size: QSIZE }] })) as sidecar.VmLayout;
     this.q = layout.queues[0]!;
     this.layout = layout;
     this.map = mapFile(layout.memoryPath, layout.memoryBytes);

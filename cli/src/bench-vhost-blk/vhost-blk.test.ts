@@ -10,7 +10,8 @@ import { runVhostBlkBench, VHOST_BLK_REFERENCE } from "./vhost-blk";
 
 const leftovers = () => [
   ...readdirSync(tmpdir()).filter((f) => f.startsWith("virtmesh-bench-vhost-blk-")),
-  ...readdirSync("/dev/shm").filter((f) => f.startsWith("virtmesh-") && f.includes("-bench-")),
+  // Only this bench's own hosts (bench-<backend>-<mode>): other tests' files may come and go beside it.
+  ...readdirSync("/dev/shm").filter((f) => /^virtmesh-.+-bench-(file|null)-(parallel|serialized)$/.test(f)),
 ];
 
 test("a tiny vhost-blk run: shape, measured figures, zero verify errors, no leftovers", async () => {

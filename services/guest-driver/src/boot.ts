@@ -123,7 +123,7 @@ export async function bootBlk(ctx: ServiceContext, vm: string, cfg: BlkConfig): 
   await callUnary(vw, vw.resetOwner, dev).catch(() => undefined);
   await callUnary(ct, ct.detachQueue, { vm, device: BLK_DEVICE, index: 0 }).catch(() => undefined);
   await callUnary(sc, sc.destroyVm, { vm }).catch(() => undefined);
-  const layout = await callUnary(sc, sc.createVm, { vm, memoryBytes: cfg.memoryBytes, queues: [{ device: BLK_DEVICE, index: 0, size: cfg.queueSize }, ...balloonQueueSpecs()] });
+  const layout = await callUnary(sc, sc.createVm, { incoming: false, vm, memoryBytes: cfg.memoryBytes, queues: [{ device: BLK_DEVICE, index: 0, size: cfg.queueSize }, ...balloonQueueSpecs()] });
   const qr = layout.queues.find((q) => q.device === BLK_DEVICE && q.index === 0);
   if (!qr) throw new Error(`CreateVm returned no ${BLK_DEVICE} queue`);
 

@@ -36,7 +36,7 @@ test("create makes every file, destroy removes them all; a half-made VM is rolle
 
 test("fetchDirtyLog: bits past the last page are masked; BOTH ors the logs; peek leaves them", () => {
   const reg = new VmRegistry(dir, "h", 1 << 30);
-  const vm = reg.create({ vm: "d", memoryBytes: 5 * PG, queues: [] });
+  const vm = reg.create({ incoming: false, vm: "d", memoryBytes: 5 * PG, queues: [] });
   try {
     vm.setDirtyLogging(true);
     const vcpu = mapFile(vm.vcpuLogPath, statSync(vm.vcpuLogPath).size);
@@ -65,7 +65,7 @@ test("fetchDirtyLog: bits past the last page are masked; BOTH ors the logs; peek
 
 test("writePages copies pages in pfn order and punches zero batches in runs", () => {
   const reg = new VmRegistry(dir, "h", 1 << 30);
-  const vm = reg.create({ vm: "w", memoryBytes: 16 * PG, queues: [] });
+  const vm = reg.create({ incoming: false, vm: "w", memoryBytes: 16 * PG, queues: [] });
   const m = mapFile(vm.memoryPath, 16 * PG);
   try {
     const data = new Uint8Array(2 * PG);

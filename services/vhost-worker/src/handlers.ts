@@ -265,5 +265,12 @@ export function vhostBlkService(t: DeviceTable): vhost.VhostBlkServiceServer {
       return empty;
     }),
     getStats: wrap((req: vhost.DeviceRef) => t.get(req).snapshot()),
+    // Filled in with the device's persist module (migration device state).
+    saveDeviceState: wrap((): vhost.DeviceState => {
+      throw new GrpcError(Status.UNIMPLEMENTED, "SaveDeviceState is not served by this vhost-worker yet");
+    }),
+    loadDeviceState: wrap((): typeof empty => {
+      throw new GrpcError(Status.UNIMPLEMENTED, "LoadDeviceState is not served by this vhost-worker yet");
+    }),
   };
 }

@@ -137,6 +137,19 @@ export interface AttachVmResponse {
   configAddr: number;
 }
 
+/**
+ * The balloon device's migration state: negotiated features and mode, target, actual,
+ * the ballooned bitmap, the virtqueues' device-side indexes, stats. Versioned and checksummed.
+ */
+export interface BalloonState {
+  state: Buffer;
+}
+
+export interface LoadBalloonStateRequest {
+  vm: string;
+  state: Buffer;
+}
+
 function createBaseSetTargetRequest(): SetTargetRequest {
   return { vm: "", targetBytes: 0 };
 }
@@ -1052,6 +1065,158 @@ export const AttachVmResponse: MessageFns<AttachVmResponse> = {
   },
 };
 
+function createBaseBalloonState(): BalloonState {
+  return { state: Buffer.alloc(0) };
+}
+
+export const BalloonState: MessageFns<BalloonState> = {
+  encode(message: BalloonState, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.state.length !== 0) {
+      writer.uint32(10).bytes(message.state);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): BalloonState {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseBalloonState();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.state = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): BalloonState {
+    return { state: isSet(object.state) ? Buffer.from(bytesFromBase64(object.state)) : Buffer.alloc(0) };
+  },
+
+  toJSON(message: BalloonState): unknown {
+    const obj: any = {};
+    if (message.state.length !== 0) {
+      obj.state = base64FromBytes(message.state);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<BalloonState>): BalloonState {
+    return BalloonState.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<BalloonState>): BalloonState {
+    const message = createBaseBalloonState();
+    message.state = object.state ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseLoadBalloonStateRequest(): LoadBalloonStateRequest {
+  return { vm: "", state: Buffer.alloc(0) };
+}
+
+export const LoadBalloonStateRequest: MessageFns<LoadBalloonStateRequest> = {
+  encode(message: LoadBalloonStateRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.state.length !== 0) {
+      writer.uint32(18).bytes(message.state);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LoadBalloonStateRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLoadBalloonStateRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.state = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LoadBalloonStateRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      state: isSet(object.state) ? Buffer.from(bytesFromBase64(object.state)) : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: LoadBalloonStateRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.state.length !== 0) {
+      obj.state = base64FromBytes(message.state);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<LoadBalloonStateRequest>): LoadBalloonStateRequest {
+    return LoadBalloonStateRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<LoadBalloonStateRequest>): LoadBalloonStateRequest {
+    const message = createBaseLoadBalloonStateRequest();
+    message.vm = object.vm ?? "";
+    message.state = object.state ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
 export type BalloonServiceService = typeof BalloonServiceService;
 export const BalloonServiceService = {
   attachVm: {
@@ -1090,6 +1255,40 @@ export const BalloonServiceService = {
     responseSerialize: (value: BalloonedPages): Buffer => Buffer.from(BalloonedPages.encode(value).finish()),
     responseDeserialize: (value: Buffer): BalloonedPages => BalloonedPages.decode(value),
   },
+  /** Source, the guest paused: the device stops taking buffers and returns its state. */
+  saveState: {
+    path: "/virtmesh.balloon.v1.BalloonService/SaveState" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: VmRef): Buffer => Buffer.from(VmRef.encode(value).finish()),
+    requestDeserialize: (value: Buffer): VmRef => VmRef.decode(value),
+    responseSerialize: (value: BalloonState): Buffer => Buffer.from(BalloonState.encode(value).finish()),
+    responseDeserialize: (value: Buffer): BalloonState => BalloonState.decode(value),
+  },
+  /**
+   * Destination: attach the VM from a saved state instead of AttachVm (queues resume at
+   * the saved indexes; the ballooned pages stay released).
+   */
+  loadState: {
+    path: "/virtmesh.balloon.v1.BalloonService/LoadState" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: LoadBalloonStateRequest): Buffer =>
+      Buffer.from(LoadBalloonStateRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): LoadBalloonStateRequest => LoadBalloonStateRequest.decode(value),
+    responseSerialize: (value: AttachVmResponse): Buffer => Buffer.from(AttachVmResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): AttachVmResponse => AttachVmResponse.decode(value),
+  },
+  /** Drop the VM (source after migration, destination after an aborted one). */
+  detachVm: {
+    path: "/virtmesh.balloon.v1.BalloonService/DetachVm" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: VmRef): Buffer => Buffer.from(VmRef.encode(value).finish()),
+    requestDeserialize: (value: Buffer): VmRef => VmRef.decode(value),
+    responseSerialize: (value: VmRef): Buffer => Buffer.from(VmRef.encode(value).finish()),
+    responseDeserialize: (value: Buffer): VmRef => VmRef.decode(value),
+  },
 } as const;
 
 export interface BalloonServiceServer extends UntypedServiceImplementation {
@@ -1097,6 +1296,15 @@ export interface BalloonServiceServer extends UntypedServiceImplementation {
   setTarget: handleUnaryCall<SetTargetRequest, SetTargetResponse>;
   getStats: handleUnaryCall<VmRef, BalloonStats>;
   getBalloonedPages: handleUnaryCall<VmRef, BalloonedPages>;
+  /** Source, the guest paused: the device stops taking buffers and returns its state. */
+  saveState: handleUnaryCall<VmRef, BalloonState>;
+  /**
+   * Destination: attach the VM from a saved state instead of AttachVm (queues resume at
+   * the saved indexes; the ballooned pages stay released).
+   */
+  loadState: handleUnaryCall<LoadBalloonStateRequest, AttachVmResponse>;
+  /** Drop the VM (source after migration, destination after an aborted one). */
+  detachVm: handleUnaryCall<VmRef, VmRef>;
 }
 
 export interface BalloonServiceClient extends Client {
@@ -1156,6 +1364,51 @@ export interface BalloonServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: BalloonedPages) => void,
+  ): ClientUnaryCall;
+  /** Source, the guest paused: the device stops taking buffers and returns its state. */
+  saveState(request: VmRef, callback: (error: ServiceError | null, response: BalloonState) => void): ClientUnaryCall;
+  saveState(
+    request: VmRef,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: BalloonState) => void,
+  ): ClientUnaryCall;
+  saveState(
+    request: VmRef,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: BalloonState) => void,
+  ): ClientUnaryCall;
+  /**
+   * Destination: attach the VM from a saved state instead of AttachVm (queues resume at
+   * the saved indexes; the ballooned pages stay released).
+   */
+  loadState(
+    request: LoadBalloonStateRequest,
+    callback: (error: ServiceError | null, response: AttachVmResponse) => void,
+  ): ClientUnaryCall;
+  loadState(
+    request: LoadBalloonStateRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: AttachVmResponse) => void,
+  ): ClientUnaryCall;
+  loadState(
+    request: LoadBalloonStateRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: AttachVmResponse) => void,
+  ): ClientUnaryCall;
+  /** Drop the VM (source after migration, destination after an aborted one). */
+  detachVm(request: VmRef, callback: (error: ServiceError | null, response: VmRef) => void): ClientUnaryCall;
+  detachVm(
+    request: VmRef,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: VmRef) => void,
+  ): ClientUnaryCall;
+  detachVm(
+    request: VmRef,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: VmRef) => void,
   ): ClientUnaryCall;
 }
 

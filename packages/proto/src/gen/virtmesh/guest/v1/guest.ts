@@ -152,6 +152,89 @@ export interface FioResult {
   spinlock: SpinlockStats | undefined;
 }
 
+export interface StressRequest {
+  /** multiple of 4096; taken from the guest's page allocator */
+  workingSetBytes: number;
+  /** target rate over all its vCPUs; 0: flat out */
+  dirtyRateBytesPerS: number;
+  /** vCPU threads that walk the working set; 0: 1 */
+  vcpus: number;
+}
+
+export interface StressStatus {
+  running: boolean;
+  workingSetBytes: number;
+  vcpus: number;
+  /** page increments since the start */
+  pagesWritten: number;
+  /** completed walks of the working set (lowest of its vCPUs) */
+  passes: number;
+  /** measured over the last second of running */
+  dirtyRateBytesPerS: number;
+  throttlePct: number;
+  /** guest-physical start (contiguous) */
+  workingSetAddr: number;
+}
+
+export interface StressVerifyResult {
+  pagesChecked: number;
+  /** pages whose byte breaks the pattern beyond the one allowed step */
+  mismatches: number;
+  /** e.g. "page 1234: 17 after 19" */
+  firstMismatch: string;
+}
+
+export interface ThrottleRequest {
+  /** 0..99: share of each 10 ms slice every vCPU sleeps (cpu-throttle) */
+  pct: number;
+}
+
+/** Pages the guest's allocator holds free now (virtio-balloon free page hinting). */
+export interface FreePageHint {
+  /** guest pages the bitmap covers */
+  pages: number;
+  free: number;
+  /** one bit per guest page, little-endian 64-bit words */
+  bitmap: Buffer;
+}
+
+export interface SaveStateRequest {
+  /**
+   * Measure only: serialize the state of a running guest without stopping anything, to
+   * learn its size and the time its save takes (the migration's device-state estimate).
+   */
+  dryRun: boolean;
+}
+
+/**
+ * The VM's state outside guest memory: every device's (virtio-blk's vrings through
+ * vhost-worker, the balloon through balloon-host, VFIO mappings), the guest kernel's own
+ * memory, its workloads' positions (the dirtying walk, a running fio's jobs and verify map).
+ * Versioned and checksummed (@virtmesh/migration's device-state envelope).
+ */
+export interface VmState {
+  state: Buffer;
+  /** time the save took here */
+  saveUs: number;
+  /** a fio run in flight that resumes on the destination ("" none) */
+  fioRun: string;
+}
+
+export interface LoadStateRequest {
+  state: Buffer;
+  sourceHost: string;
+}
+
+export interface ReleaseRequest {
+  /** where the VM now runs (for a fio caller still waiting here) */
+  destinationHost: string;
+}
+
+export interface AwaitFioRequest {
+  /** VmState.fio_run */
+  run: string;
+}
+
 function createBaseEmpty(): Empty {
   return {};
 }
@@ -1188,6 +1271,1013 @@ export const FioResult: MessageFns<FioResult> = {
   },
 };
 
+function createBaseStressRequest(): StressRequest {
+  return { workingSetBytes: 0, dirtyRateBytesPerS: 0, vcpus: 0 };
+}
+
+export const StressRequest: MessageFns<StressRequest> = {
+  encode(message: StressRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.workingSetBytes !== 0) {
+      writer.uint32(8).uint64(message.workingSetBytes);
+    }
+    if (message.dirtyRateBytesPerS !== 0) {
+      writer.uint32(16).uint64(message.dirtyRateBytesPerS);
+    }
+    if (message.vcpus !== 0) {
+      writer.uint32(24).uint32(message.vcpus);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StressRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStressRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.workingSetBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.dirtyRateBytesPerS = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.vcpus = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StressRequest {
+    return {
+      workingSetBytes: isSet(object.workingSetBytes)
+        ? globalThis.Number(object.workingSetBytes)
+        : isSet(object.working_set_bytes)
+        ? globalThis.Number(object.working_set_bytes)
+        : 0,
+      dirtyRateBytesPerS: isSet(object.dirtyRateBytesPerS)
+        ? globalThis.Number(object.dirtyRateBytesPerS)
+        : isSet(object.dirty_rate_bytes_per_s)
+        ? globalThis.Number(object.dirty_rate_bytes_per_s)
+        : 0,
+      vcpus: isSet(object.vcpus) ? globalThis.Number(object.vcpus) : 0,
+    };
+  },
+
+  toJSON(message: StressRequest): unknown {
+    const obj: any = {};
+    if (message.workingSetBytes !== 0) {
+      obj.workingSetBytes = Math.round(message.workingSetBytes);
+    }
+    if (message.dirtyRateBytesPerS !== 0) {
+      obj.dirtyRateBytesPerS = Math.round(message.dirtyRateBytesPerS);
+    }
+    if (message.vcpus !== 0) {
+      obj.vcpus = Math.round(message.vcpus);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<StressRequest>): StressRequest {
+    return StressRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<StressRequest>): StressRequest {
+    const message = createBaseStressRequest();
+    message.workingSetBytes = object.workingSetBytes ?? 0;
+    message.dirtyRateBytesPerS = object.dirtyRateBytesPerS ?? 0;
+    message.vcpus = object.vcpus ?? 0;
+    return message;
+  },
+};
+
+function createBaseStressStatus(): StressStatus {
+  return {
+    running: false,
+    workingSetBytes: 0,
+    vcpus: 0,
+    pagesWritten: 0,
+    passes: 0,
+    dirtyRateBytesPerS: 0,
+    throttlePct: 0,
+    workingSetAddr: 0,
+  };
+}
+
+export const StressStatus: MessageFns<StressStatus> = {
+  encode(message: StressStatus, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.running !== false) {
+      writer.uint32(8).bool(message.running);
+    }
+    if (message.workingSetBytes !== 0) {
+      writer.uint32(16).uint64(message.workingSetBytes);
+    }
+    if (message.vcpus !== 0) {
+      writer.uint32(24).uint32(message.vcpus);
+    }
+    if (message.pagesWritten !== 0) {
+      writer.uint32(32).uint64(message.pagesWritten);
+    }
+    if (message.passes !== 0) {
+      writer.uint32(40).uint64(message.passes);
+    }
+    if (message.dirtyRateBytesPerS !== 0) {
+      writer.uint32(49).double(message.dirtyRateBytesPerS);
+    }
+    if (message.throttlePct !== 0) {
+      writer.uint32(56).uint32(message.throttlePct);
+    }
+    if (message.workingSetAddr !== 0) {
+      writer.uint32(64).uint64(message.workingSetAddr);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StressStatus {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStressStatus();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.running = reader.bool();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.workingSetBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.vcpus = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.pagesWritten = longToNumber(reader.uint64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.passes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 6: {
+            if (tag !== 49) {
+              break;
+            }
+
+            message.dirtyRateBytesPerS = reader.double();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.throttlePct = reader.uint32();
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.workingSetAddr = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StressStatus {
+    return {
+      running: isSet(object.running) ? globalThis.Boolean(object.running) : false,
+      workingSetBytes: isSet(object.workingSetBytes)
+        ? globalThis.Number(object.workingSetBytes)
+        : isSet(object.working_set_bytes)
+        ? globalThis.Number(object.working_set_bytes)
+        : 0,
+      vcpus: isSet(object.vcpus) ? globalThis.Number(object.vcpus) : 0,
+      pagesWritten: isSet(object.pagesWritten)
+        ? globalThis.Number(object.pagesWritten)
+        : isSet(object.pages_written)
+        ? globalThis.Number(object.pages_written)
+        : 0,
+      passes: isSet(object.passes) ? globalThis.Number(object.passes) : 0,
+      dirtyRateBytesPerS: isSet(object.dirtyRateBytesPerS)
+        ? globalThis.Number(object.dirtyRateBytesPerS)
+        : isSet(object.dirty_rate_bytes_per_s)
+        ? globalThis.Number(object.dirty_rate_bytes_per_s)
+        : 0,
+      throttlePct: isSet(object.throttlePct)
+        ? globalThis.Number(object.throttlePct)
+        : isSet(object.throttle_pct)
+        ? globalThis.Number(object.throttle_pct)
+        : 0,
+      workingSetAddr: isSet(object.workingSetAddr)
+        ? globalThis.Number(object.workingSetAddr)
+        : isSet(object.working_set_addr)
+        ? globalThis.Number(object.working_set_addr)
+        : 0,
+    };
+  },
+
+  toJSON(message: StressStatus): unknown {
+    const obj: any = {};
+    if (message.running !== false) {
+      obj.running = message.running;
+    }
+    if (message.workingSetBytes !== 0) {
+      obj.workingSetBytes = Math.round(message.workingSetBytes);
+    }
+    if (message.vcpus !== 0) {
+      obj.vcpus = Math.round(message.vcpus);
+    }
+    if (message.pagesWritten !== 0) {
+      obj.pagesWritten = Math.round(message.pagesWritten);
+    }
+    if (message.passes !== 0) {
+      obj.passes = Math.round(message.passes);
+    }
+    if (message.dirtyRateBytesPerS !== 0) {
+      obj.dirtyRateBytesPerS = floatToJson(message.dirtyRateBytesPerS);
+    }
+    if (message.throttlePct !== 0) {
+      obj.throttlePct = Math.round(message.throttlePct);
+    }
+    if (message.workingSetAddr !== 0) {
+      obj.workingSetAddr = Math.round(message.workingSetAddr);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<StressStatus>): StressStatus {
+    return StressStatus.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<StressStatus>): StressStatus {
+    const message = createBaseStressStatus();
+    message.running = object.running ?? false;
+    message.workingSetBytes = object.workingSetBytes ?? 0;
+    message.vcpus = object.vcpus ?? 0;
+    message.pagesWritten = object.pagesWritten ?? 0;
+    message.passes = object.passes ?? 0;
+    message.dirtyRateBytesPerS = object.dirtyRateBytesPerS ?? 0;
+    message.throttlePct = object.throttlePct ?? 0;
+    message.workingSetAddr = object.workingSetAddr ?? 0;
+    return message;
+  },
+};
+
+function createBaseStressVerifyResult(): StressVerifyResult {
+  return { pagesChecked: 0, mismatches: 0, firstMismatch: "" };
+}
+
+export const StressVerifyResult: MessageFns<StressVerifyResult> = {
+  encode(message: StressVerifyResult, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.pagesChecked !== 0) {
+      writer.uint32(8).uint64(message.pagesChecked);
+    }
+    if (message.mismatches !== 0) {
+      writer.uint32(16).uint64(message.mismatches);
+    }
+    if (message.firstMismatch !== "") {
+      writer.uint32(26).string(message.firstMismatch);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StressVerifyResult {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStressVerifyResult();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.pagesChecked = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.mismatches = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.firstMismatch = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StressVerifyResult {
+    return {
+      pagesChecked: isSet(object.pagesChecked)
+        ? globalThis.Number(object.pagesChecked)
+        : isSet(object.pages_checked)
+        ? globalThis.Number(object.pages_checked)
+        : 0,
+      mismatches: isSet(object.mismatches) ? globalThis.Number(object.mismatches) : 0,
+      firstMismatch: isSet(object.firstMismatch)
+        ? globalThis.String(object.firstMismatch)
+        : isSet(object.first_mismatch)
+        ? globalThis.String(object.first_mismatch)
+        : "",
+    };
+  },
+
+  toJSON(message: StressVerifyResult): unknown {
+    const obj: any = {};
+    if (message.pagesChecked !== 0) {
+      obj.pagesChecked = Math.round(message.pagesChecked);
+    }
+    if (message.mismatches !== 0) {
+      obj.mismatches = Math.round(message.mismatches);
+    }
+    if (message.firstMismatch !== "") {
+      obj.firstMismatch = message.firstMismatch;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<StressVerifyResult>): StressVerifyResult {
+    return StressVerifyResult.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<StressVerifyResult>): StressVerifyResult {
+    const message = createBaseStressVerifyResult();
+    message.pagesChecked = object.pagesChecked ?? 0;
+    message.mismatches = object.mismatches ?? 0;
+    message.firstMismatch = object.firstMismatch ?? "";
+    return message;
+  },
+};
+
+function createBaseThrottleRequest(): ThrottleRequest {
+  return { pct: 0 };
+}
+
+export const ThrottleRequest: MessageFns<ThrottleRequest> = {
+  encode(message: ThrottleRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.pct !== 0) {
+      writer.uint32(8).uint32(message.pct);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ThrottleRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseThrottleRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.pct = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ThrottleRequest {
+    return { pct: isSet(object.pct) ? globalThis.Number(object.pct) : 0 };
+  },
+
+  toJSON(message: ThrottleRequest): unknown {
+    const obj: any = {};
+    if (message.pct !== 0) {
+      obj.pct = Math.round(message.pct);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ThrottleRequest>): ThrottleRequest {
+    return ThrottleRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ThrottleRequest>): ThrottleRequest {
+    const message = createBaseThrottleRequest();
+    message.pct = object.pct ?? 0;
+    return message;
+  },
+};
+
+function createBaseFreePageHint(): FreePageHint {
+  return { pages: 0, free: 0, bitmap: Buffer.alloc(0) };
+}
+
+export const FreePageHint: MessageFns<FreePageHint> = {
+  encode(message: FreePageHint, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.pages !== 0) {
+      writer.uint32(8).uint64(message.pages);
+    }
+    if (message.free !== 0) {
+      writer.uint32(16).uint64(message.free);
+    }
+    if (message.bitmap.length !== 0) {
+      writer.uint32(26).bytes(message.bitmap);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FreePageHint {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFreePageHint();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.pages = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.free = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.bitmap = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): FreePageHint {
+    return {
+      pages: isSet(object.pages) ? globalThis.Number(object.pages) : 0,
+      free: isSet(object.free) ? globalThis.Number(object.free) : 0,
+      bitmap: isSet(object.bitmap) ? Buffer.from(bytesFromBase64(object.bitmap)) : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: FreePageHint): unknown {
+    const obj: any = {};
+    if (message.pages !== 0) {
+      obj.pages = Math.round(message.pages);
+    }
+    if (message.free !== 0) {
+      obj.free = Math.round(message.free);
+    }
+    if (message.bitmap.length !== 0) {
+      obj.bitmap = base64FromBytes(message.bitmap);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<FreePageHint>): FreePageHint {
+    return FreePageHint.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<FreePageHint>): FreePageHint {
+    const message = createBaseFreePageHint();
+    message.pages = object.pages ?? 0;
+    message.free = object.free ?? 0;
+    message.bitmap = object.bitmap ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseSaveStateRequest(): SaveStateRequest {
+  return { dryRun: false };
+}
+
+export const SaveStateRequest: MessageFns<SaveStateRequest> = {
+  encode(message: SaveStateRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.dryRun !== false) {
+      writer.uint32(8).bool(message.dryRun);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SaveStateRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSaveStateRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.dryRun = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SaveStateRequest {
+    return {
+      dryRun: isSet(object.dryRun)
+        ? globalThis.Boolean(object.dryRun)
+        : isSet(object.dry_run)
+        ? globalThis.Boolean(object.dry_run)
+        : false,
+    };
+  },
+
+  toJSON(message: SaveStateRequest): unknown {
+    const obj: any = {};
+    if (message.dryRun !== false) {
+      obj.dryRun = message.dryRun;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SaveStateRequest>): SaveStateRequest {
+    return SaveStateRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SaveStateRequest>): SaveStateRequest {
+    const message = createBaseSaveStateRequest();
+    message.dryRun = object.dryRun ?? false;
+    return message;
+  },
+};
+
+function createBaseVmState(): VmState {
+  return { state: Buffer.alloc(0), saveUs: 0, fioRun: "" };
+}
+
+export const VmState: MessageFns<VmState> = {
+  encode(message: VmState, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.state.length !== 0) {
+      writer.uint32(10).bytes(message.state);
+    }
+    if (message.saveUs !== 0) {
+      writer.uint32(16).uint64(message.saveUs);
+    }
+    if (message.fioRun !== "") {
+      writer.uint32(26).string(message.fioRun);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): VmState {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVmState();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.state = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.saveUs = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.fioRun = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): VmState {
+    return {
+      state: isSet(object.state) ? Buffer.from(bytesFromBase64(object.state)) : Buffer.alloc(0),
+      saveUs: isSet(object.saveUs)
+        ? globalThis.Number(object.saveUs)
+        : isSet(object.save_us)
+        ? globalThis.Number(object.save_us)
+        : 0,
+      fioRun: isSet(object.fioRun)
+        ? globalThis.String(object.fioRun)
+        : isSet(object.fio_run)
+        ? globalThis.String(object.fio_run)
+        : "",
+    };
+  },
+
+  toJSON(message: VmState): unknown {
+    const obj: any = {};
+    if (message.state.length !== 0) {
+      obj.state = base64FromBytes(message.state);
+    }
+    if (message.saveUs !== 0) {
+      obj.saveUs = Math.round(message.saveUs);
+    }
+    if (message.fioRun !== "") {
+      obj.fioRun = message.fioRun;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<VmState>): VmState {
+    return VmState.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<VmState>): VmState {
+    const message = createBaseVmState();
+    message.state = object.state ?? Buffer.alloc(0);
+    message.saveUs = object.saveUs ?? 0;
+    message.fioRun = object.fioRun ?? "";
+    return message;
+  },
+};
+
+function createBaseLoadStateRequest(): LoadStateRequest {
+  return { state: Buffer.alloc(0), sourceHost: "" };
+}
+
+export const LoadStateRequest: MessageFns<LoadStateRequest> = {
+  encode(message: LoadStateRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.state.length !== 0) {
+      writer.uint32(10).bytes(message.state);
+    }
+    if (message.sourceHost !== "") {
+      writer.uint32(18).string(message.sourceHost);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LoadStateRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLoadStateRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.state = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.sourceHost = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LoadStateRequest {
+    return {
+      state: isSet(object.state) ? Buffer.from(bytesFromBase64(object.state)) : Buffer.alloc(0),
+      sourceHost: isSet(object.sourceHost)
+        ? globalThis.String(object.sourceHost)
+        : isSet(object.source_host)
+        ? globalThis.String(object.source_host)
+        : "",
+    };
+  },
+
+  toJSON(message: LoadStateRequest): unknown {
+    const obj: any = {};
+    if (message.state.length !== 0) {
+      obj.state = base64FromBytes(message.state);
+    }
+    if (message.sourceHost !== "") {
+      obj.sourceHost = message.sourceHost;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<LoadStateRequest>): LoadStateRequest {
+    return LoadStateRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<LoadStateRequest>): LoadStateRequest {
+    const message = createBaseLoadStateRequest();
+    message.state = object.state ?? Buffer.alloc(0);
+    message.sourceHost = object.sourceHost ?? "";
+    return message;
+  },
+};
+
+function createBaseReleaseRequest(): ReleaseRequest {
+  return { destinationHost: "" };
+}
+
+export const ReleaseRequest: MessageFns<ReleaseRequest> = {
+  encode(message: ReleaseRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.destinationHost !== "") {
+      writer.uint32(10).string(message.destinationHost);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReleaseRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReleaseRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.destinationHost = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReleaseRequest {
+    return {
+      destinationHost: isSet(object.destinationHost)
+        ? globalThis.String(object.destinationHost)
+        : isSet(object.destination_host)
+        ? globalThis.String(object.destination_host)
+        : "",
+    };
+  },
+
+  toJSON(message: ReleaseRequest): unknown {
+    const obj: any = {};
+    if (message.destinationHost !== "") {
+      obj.destinationHost = message.destinationHost;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReleaseRequest>): ReleaseRequest {
+    return ReleaseRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReleaseRequest>): ReleaseRequest {
+    const message = createBaseReleaseRequest();
+    message.destinationHost = object.destinationHost ?? "";
+    return message;
+  },
+};
+
+function createBaseAwaitFioRequest(): AwaitFioRequest {
+  return { run: "" };
+}
+
+export const AwaitFioRequest: MessageFns<AwaitFioRequest> = {
+  encode(message: AwaitFioRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.run !== "") {
+      writer.uint32(10).string(message.run);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AwaitFioRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAwaitFioRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.run = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AwaitFioRequest {
+    return { run: isSet(object.run) ? globalThis.String(object.run) : "" };
+  },
+
+  toJSON(message: AwaitFioRequest): unknown {
+    const obj: any = {};
+    if (message.run !== "") {
+      obj.run = message.run;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AwaitFioRequest>): AwaitFioRequest {
+    return AwaitFioRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AwaitFioRequest>): AwaitFioRequest {
+    const message = createBaseAwaitFioRequest();
+    message.run = object.run ?? "";
+    return message;
+  },
+};
+
 export type GuestServiceService = typeof GuestServiceService;
 export const GuestServiceService = {
   getState: {
@@ -1226,6 +2316,120 @@ export const GuestServiceService = {
     responseSerialize: (value: FioResult): Buffer => Buffer.from(FioResult.encode(value).finish()),
     responseDeserialize: (value: Buffer): FioResult => FioResult.decode(value),
   },
+  startStress: {
+    path: "/virtmesh.guest.v1.GuestService/StartStress" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: StressRequest): Buffer => Buffer.from(StressRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): StressRequest => StressRequest.decode(value),
+    responseSerialize: (value: StressStatus): Buffer => Buffer.from(StressStatus.encode(value).finish()),
+    responseDeserialize: (value: Buffer): StressStatus => StressStatus.decode(value),
+  },
+  stopStress: {
+    path: "/virtmesh.guest.v1.GuestService/StopStress" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: Empty): Buffer => Buffer.from(Empty.encode(value).finish()),
+    requestDeserialize: (value: Buffer): Empty => Empty.decode(value),
+    responseSerialize: (value: StressStatus): Buffer => Buffer.from(StressStatus.encode(value).finish()),
+    responseDeserialize: (value: Buffer): StressStatus => StressStatus.decode(value),
+  },
+  getStress: {
+    path: "/virtmesh.guest.v1.GuestService/GetStress" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: Empty): Buffer => Buffer.from(Empty.encode(value).finish()),
+    requestDeserialize: (value: Buffer): Empty => Empty.decode(value),
+    responseSerialize: (value: StressStatus): Buffer => Buffer.from(StressStatus.encode(value).finish()),
+    responseDeserialize: (value: Buffer): StressStatus => StressStatus.decode(value),
+  },
+  verifyStress: {
+    path: "/virtmesh.guest.v1.GuestService/VerifyStress" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: Empty): Buffer => Buffer.from(Empty.encode(value).finish()),
+    requestDeserialize: (value: Buffer): Empty => Empty.decode(value),
+    responseSerialize: (value: StressVerifyResult): Buffer => Buffer.from(StressVerifyResult.encode(value).finish()),
+    responseDeserialize: (value: Buffer): StressVerifyResult => StressVerifyResult.decode(value),
+  },
+  setThrottle: {
+    path: "/virtmesh.guest.v1.GuestService/SetThrottle" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ThrottleRequest): Buffer => Buffer.from(ThrottleRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ThrottleRequest => ThrottleRequest.decode(value),
+    responseSerialize: (value: GuestState): Buffer => Buffer.from(GuestState.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GuestState => GuestState.decode(value),
+  },
+  getFreePageHint: {
+    path: "/virtmesh.guest.v1.GuestService/GetFreePageHint" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: Empty): Buffer => Buffer.from(Empty.encode(value).finish()),
+    requestDeserialize: (value: Buffer): Empty => Empty.decode(value),
+    responseSerialize: (value: FreePageHint): Buffer => Buffer.from(FreePageHint.encode(value).finish()),
+    responseDeserialize: (value: Buffer): FreePageHint => FreePageHint.decode(value),
+  },
+  /**
+   * Source: Pause (vCPUs stop), then SaveState (rings stopped with GET_VRING_BASE, in-flight
+   * I/O completed, devices saved); after the destination resumed, Release (the VM's
+   * memory, rings and devices freed here; the process waits for an incoming VM again).
+   * A failed or cancelled migration: Resume instead, the source guest runs on.
+   */
+  saveState: {
+    path: "/virtmesh.guest.v1.GuestService/SaveState" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: SaveStateRequest): Buffer => Buffer.from(SaveStateRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SaveStateRequest => SaveStateRequest.decode(value),
+    responseSerialize: (value: VmState): Buffer => Buffer.from(VmState.encode(value).finish()),
+    responseDeserialize: (value: Buffer): VmState => VmState.decode(value),
+  },
+  /**
+   * Destination, RUN_STATE_INCOMING: load the state into the VM the destination sidecar
+   * received (pages already there), set up every device from it, stay PAUSED until Resume.
+   */
+  loadState: {
+    path: "/virtmesh.guest.v1.GuestService/LoadState" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: LoadStateRequest): Buffer => Buffer.from(LoadStateRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): LoadStateRequest => LoadStateRequest.decode(value),
+    responseSerialize: (value: GuestState): Buffer => Buffer.from(GuestState.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GuestState => GuestState.decode(value),
+  },
+  release: {
+    path: "/virtmesh.guest.v1.GuestService/Release" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ReleaseRequest): Buffer => Buffer.from(ReleaseRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ReleaseRequest => ReleaseRequest.decode(value),
+    responseSerialize: (value: GuestState): Buffer => Buffer.from(GuestState.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GuestState => GuestState.decode(value),
+  },
+  /**
+   * Destination, after a failed or cancelled migration: drop what was loaded or received
+   * (vhost device, completion ring, balloon, the sidecar's VM) and wait for an incoming VM again.
+   */
+  abortIncoming: {
+    path: "/virtmesh.guest.v1.GuestService/AbortIncoming" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: Empty): Buffer => Buffer.from(Empty.encode(value).finish()),
+    requestDeserialize: (value: Buffer): Empty => Empty.decode(value),
+    responseSerialize: (value: GuestState): Buffer => Buffer.from(GuestState.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GuestState => GuestState.decode(value),
+  },
+  /** The result of a fio run that started elsewhere and moved here with the VM. */
+  awaitFio: {
+    path: "/virtmesh.guest.v1.GuestService/AwaitFio" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: AwaitFioRequest): Buffer => Buffer.from(AwaitFioRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): AwaitFioRequest => AwaitFioRequest.decode(value),
+    responseSerialize: (value: FioResult): Buffer => Buffer.from(FioResult.encode(value).finish()),
+    responseDeserialize: (value: Buffer): FioResult => FioResult.decode(value),
+  },
 } as const;
 
 export interface GuestServiceServer extends UntypedServiceImplementation {
@@ -1233,6 +2437,32 @@ export interface GuestServiceServer extends UntypedServiceImplementation {
   pause: handleUnaryCall<Empty, GuestState>;
   resume: handleUnaryCall<Empty, GuestState>;
   runFio: handleUnaryCall<FioRequest, FioResult>;
+  startStress: handleUnaryCall<StressRequest, StressStatus>;
+  stopStress: handleUnaryCall<Empty, StressStatus>;
+  getStress: handleUnaryCall<Empty, StressStatus>;
+  verifyStress: handleUnaryCall<Empty, StressVerifyResult>;
+  setThrottle: handleUnaryCall<ThrottleRequest, GuestState>;
+  getFreePageHint: handleUnaryCall<Empty, FreePageHint>;
+  /**
+   * Source: Pause (vCPUs stop), then SaveState (rings stopped with GET_VRING_BASE, in-flight
+   * I/O completed, devices saved); after the destination resumed, Release (the VM's
+   * memory, rings and devices freed here; the process waits for an incoming VM again).
+   * A failed or cancelled migration: Resume instead, the source guest runs on.
+   */
+  saveState: handleUnaryCall<SaveStateRequest, VmState>;
+  /**
+   * Destination, RUN_STATE_INCOMING: load the state into the VM the destination sidecar
+   * received (pages already there), set up every device from it, stay PAUSED until Resume.
+   */
+  loadState: handleUnaryCall<LoadStateRequest, GuestState>;
+  release: handleUnaryCall<ReleaseRequest, GuestState>;
+  /**
+   * Destination, after a failed or cancelled migration: drop what was loaded or received
+   * (vhost device, completion ring, balloon, the sidecar's VM) and wait for an incoming VM again.
+   */
+  abortIncoming: handleUnaryCall<Empty, GuestState>;
+  /** The result of a fio run that started elsewhere and moved here with the VM. */
+  awaitFio: handleUnaryCall<AwaitFioRequest, FioResult>;
 }
 
 export interface GuestServiceClient extends Client {
@@ -1284,6 +2514,177 @@ export interface GuestServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: FioResult) => void,
   ): ClientUnaryCall;
+  startStress(
+    request: StressRequest,
+    callback: (error: ServiceError | null, response: StressStatus) => void,
+  ): ClientUnaryCall;
+  startStress(
+    request: StressRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: StressStatus) => void,
+  ): ClientUnaryCall;
+  startStress(
+    request: StressRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: StressStatus) => void,
+  ): ClientUnaryCall;
+  stopStress(request: Empty, callback: (error: ServiceError | null, response: StressStatus) => void): ClientUnaryCall;
+  stopStress(
+    request: Empty,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: StressStatus) => void,
+  ): ClientUnaryCall;
+  stopStress(
+    request: Empty,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: StressStatus) => void,
+  ): ClientUnaryCall;
+  getStress(request: Empty, callback: (error: ServiceError | null, response: StressStatus) => void): ClientUnaryCall;
+  getStress(
+    request: Empty,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: StressStatus) => void,
+  ): ClientUnaryCall;
+  getStress(
+    request: Empty,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: StressStatus) => void,
+  ): ClientUnaryCall;
+  verifyStress(
+    request: Empty,
+    callback: (error: ServiceError | null, response: StressVerifyResult) => void,
+  ): ClientUnaryCall;
+  verifyStress(
+    request: Empty,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: StressVerifyResult) => void,
+  ): ClientUnaryCall;
+  verifyStress(
+    request: Empty,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: StressVerifyResult) => void,
+  ): ClientUnaryCall;
+  setThrottle(
+    request: ThrottleRequest,
+    callback: (error: ServiceError | null, response: GuestState) => void,
+  ): ClientUnaryCall;
+  setThrottle(
+    request: ThrottleRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: GuestState) => void,
+  ): ClientUnaryCall;
+  setThrottle(
+    request: ThrottleRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: GuestState) => void,
+  ): ClientUnaryCall;
+  getFreePageHint(
+    request: Empty,
+    callback: (error: ServiceError | null, response: FreePageHint) => void,
+  ): ClientUnaryCall;
+  getFreePageHint(
+    request: Empty,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: FreePageHint) => void,
+  ): ClientUnaryCall;
+  getFreePageHint(
+    request: Empty,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: FreePageHint) => void,
+  ): ClientUnaryCall;
+  /**
+   * Source: Pause (vCPUs stop), then SaveState (rings stopped with GET_VRING_BASE, in-flight
+   * I/O completed, devices saved); after the destination resumed, Release (the VM's
+   * memory, rings and devices freed here; the process waits for an incoming VM again).
+   * A failed or cancelled migration: Resume instead, the source guest runs on.
+   */
+  saveState(
+    request: SaveStateRequest,
+    callback: (error: ServiceError | null, response: VmState) => void,
+  ): ClientUnaryCall;
+  saveState(
+    request: SaveStateRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: VmState) => void,
+  ): ClientUnaryCall;
+  saveState(
+    request: SaveStateRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: VmState) => void,
+  ): ClientUnaryCall;
+  /**
+   * Destination, RUN_STATE_INCOMING: load the state into the VM the destination sidecar
+   * received (pages already there), set up every device from it, stay PAUSED until Resume.
+   */
+  loadState(
+    request: LoadStateRequest,
+    callback: (error: ServiceError | null, response: GuestState) => void,
+  ): ClientUnaryCall;
+  loadState(
+    request: LoadStateRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: GuestState) => void,
+  ): ClientUnaryCall;
+  loadState(
+    request: LoadStateRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: GuestState) => void,
+  ): ClientUnaryCall;
+  release(
+    request: ReleaseRequest,
+    callback: (error: ServiceError | null, response: GuestState) => void,
+  ): ClientUnaryCall;
+  release(
+    request: ReleaseRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: GuestState) => void,
+  ): ClientUnaryCall;
+  release(
+    request: ReleaseRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: GuestState) => void,
+  ): ClientUnaryCall;
+  /**
+   * Destination, after a failed or cancelled migration: drop what was loaded or received
+   * (vhost device, completion ring, balloon, the sidecar's VM) and wait for an incoming VM again.
+   */
+  abortIncoming(request: Empty, callback: (error: ServiceError | null, response: GuestState) => void): ClientUnaryCall;
+  abortIncoming(
+    request: Empty,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: GuestState) => void,
+  ): ClientUnaryCall;
+  abortIncoming(
+    request: Empty,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: GuestState) => void,
+  ): ClientUnaryCall;
+  /** The result of a fio run that started elsewhere and moved here with the VM. */
+  awaitFio(
+    request: AwaitFioRequest,
+    callback: (error: ServiceError | null, response: FioResult) => void,
+  ): ClientUnaryCall;
+  awaitFio(
+    request: AwaitFioRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: FioResult) => void,
+  ): ClientUnaryCall;
+  awaitFio(
+    request: AwaitFioRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: FioResult) => void,
+  ): ClientUnaryCall;
 }
 
 export const GuestServiceClient = makeGenericClientConstructor(
@@ -1294,6 +2695,14 @@ export const GuestServiceClient = makeGenericClientConstructor(
   service: typeof GuestServiceService;
   serviceName: string;
 };
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 function floatToJson(value: number | null | undefined): number | string | null | undefined {
   return typeof value === "number" && !globalThis.Number.isFinite(value) ? globalThis.String(value) : value;

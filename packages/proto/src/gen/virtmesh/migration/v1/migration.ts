@@ -74,6 +74,7 @@ export enum MigrationPhase {
   MIGRATION_PHASE_COMPLETED = 4,
   MIGRATION_PHASE_FAILED = 5,
   MIGRATION_PHASE_CANCELLED = 6,
+  MIGRATION_PHASE_CANCELLING = 7,
   UNRECOGNIZED = -1,
 }
 
@@ -100,6 +101,9 @@ export function migrationPhaseFromJSON(object: any): MigrationPhase {
     case 6:
     case "MIGRATION_PHASE_CANCELLED":
       return MigrationPhase.MIGRATION_PHASE_CANCELLED;
+    case 7:
+    case "MIGRATION_PHASE_CANCELLING":
+      return MigrationPhase.MIGRATION_PHASE_CANCELLING;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -123,6 +127,8 @@ export function migrationPhaseToJSON(object: MigrationPhase): string {
       return "MIGRATION_PHASE_FAILED";
     case MigrationPhase.MIGRATION_PHASE_CANCELLED:
       return "MIGRATION_PHASE_CANCELLED";
+    case MigrationPhase.MIGRATION_PHASE_CANCELLING:
+      return "MIGRATION_PHASE_CANCELLING";
     case MigrationPhase.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -131,20 +137,49 @@ export function migrationPhaseToJSON(object: MigrationPhase): string {
 
 export interface StartMigrationRequest {
   vm: string;
+  /** "": where the registry places the VM */
   sourceHost: string;
   destinationHost: string;
-  /** 0: unlimited */
+  /** max-bandwidth, applied by the sending sidecar; 0: unlimited */
   bandwidthBytesPerS: number;
-  /** default 300 */
+  /** 0: 300 (QEMU's default) */
   downtimeLimitMs: number;
   autoConverge: boolean;
   dirtyReporting: DirtyReporting;
   skipBallooned: boolean;
   freePageHinting: boolean;
+  /** fail the migration past this; 0: 10 minutes */
+  maxTotalMs: number;
+  /** 0: 20 (cpu-throttle-initial) */
+  throttleInitialPct: number;
+  /** 0: 10 (cpu-throttle-increment) */
+  throttleIncrementPct: number;
+  /** 0: 99 (max-cpu-throttle) */
+  throttleMaxPct: number;
 }
 
 export interface MigrationRef {
   id: string;
+}
+
+/** One dirty-sync and the pages sent after it (QEMU's iteration). */
+export interface PrecopyRound {
+  /** 0: the bulk round */
+  round: number;
+  /** pages each source reported at this round's sync */
+  dirtyVcpu: number;
+  dirtyDevice: number;
+  dirtyVfio: number;
+  /** pages sent */
+  pages: number;
+  zeroPages: number;
+  bytes: number;
+  durationMs: number;
+  /** measured on the stream */
+  bandwidthBytesPerS: number;
+  dirtyRateBytesPerS: number;
+  expectedDowntimeMs: number;
+  throttlePct: number;
 }
 
 export interface MigrationStatus {
@@ -153,6 +188,7 @@ export interface MigrationStatus {
   sourceHost: string;
   destinationHost: string;
   phase: MigrationPhase;
+  /** dirty-sync count */
   round: number;
   transferredBytes: number;
   remainingBytes: number;
@@ -161,8 +197,31 @@ export interface MigrationStatus {
   expectedDowntimeMs: number;
   actualDowntimeMs: number;
   totalMs: number;
+  /** why it failed or was cancelled */
   error: string;
   traceId: string;
+  setupMs: number;
+  /** guest memory */
+  totalBytes: number;
+  pagesPerS: number;
+  /** measured, last round */
+  bandwidthBytesPerS: number;
+  downtimeLimitMs: number;
+  zeroPages: number;
+  /** ballooned or free-hinted, never sent */
+  skippedPages: number;
+  deviceStateBytes: number;
+  /** save + load at stop-and-copy */
+  deviceStateMs: number;
+  rounds: PrecopyRound[];
+  /** epoch ms */
+  startedAtMs: number;
+  updatedAtMs: number;
+  /** Integrity at switchover: the guest memory checksum on both sides (skipped pages left out). */
+  sourceChecksum: string;
+  destinationChecksum: string;
+  memoryMatch: boolean;
+  params: StartMigrationRequest | undefined;
 }
 
 export interface ListMigrationsRequest {
@@ -183,6 +242,10 @@ function createBaseStartMigrationRequest(): StartMigrationRequest {
     dirtyReporting: 0,
     skipBallooned: false,
     freePageHinting: false,
+    maxTotalMs: 0,
+    throttleInitialPct: 0,
+    throttleIncrementPct: 0,
+    throttleMaxPct: 0,
   };
 }
 
@@ -214,6 +277,18 @@ export const StartMigrationRequest: MessageFns<StartMigrationRequest> = {
     }
     if (message.freePageHinting !== false) {
       writer.uint32(72).bool(message.freePageHinting);
+    }
+    if (message.maxTotalMs !== 0) {
+      writer.uint32(80).uint32(message.maxTotalMs);
+    }
+    if (message.throttleInitialPct !== 0) {
+      writer.uint32(88).uint32(message.throttleInitialPct);
+    }
+    if (message.throttleIncrementPct !== 0) {
+      writer.uint32(96).uint32(message.throttleIncrementPct);
+    }
+    if (message.throttleMaxPct !== 0) {
+      writer.uint32(104).uint32(message.throttleMaxPct);
     }
     return writer;
   },
@@ -303,6 +378,38 @@ export const StartMigrationRequest: MessageFns<StartMigrationRequest> = {
             message.freePageHinting = reader.bool();
             continue;
           }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.maxTotalMs = reader.uint32();
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.throttleInitialPct = reader.uint32();
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.throttleIncrementPct = reader.uint32();
+            continue;
+          }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.throttleMaxPct = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -358,6 +465,26 @@ export const StartMigrationRequest: MessageFns<StartMigrationRequest> = {
         : isSet(object.free_page_hinting)
         ? globalThis.Boolean(object.free_page_hinting)
         : false,
+      maxTotalMs: isSet(object.maxTotalMs)
+        ? globalThis.Number(object.maxTotalMs)
+        : isSet(object.max_total_ms)
+        ? globalThis.Number(object.max_total_ms)
+        : 0,
+      throttleInitialPct: isSet(object.throttleInitialPct)
+        ? globalThis.Number(object.throttleInitialPct)
+        : isSet(object.throttle_initial_pct)
+        ? globalThis.Number(object.throttle_initial_pct)
+        : 0,
+      throttleIncrementPct: isSet(object.throttleIncrementPct)
+        ? globalThis.Number(object.throttleIncrementPct)
+        : isSet(object.throttle_increment_pct)
+        ? globalThis.Number(object.throttle_increment_pct)
+        : 0,
+      throttleMaxPct: isSet(object.throttleMaxPct)
+        ? globalThis.Number(object.throttleMaxPct)
+        : isSet(object.throttle_max_pct)
+        ? globalThis.Number(object.throttle_max_pct)
+        : 0,
     };
   },
 
@@ -390,6 +517,18 @@ export const StartMigrationRequest: MessageFns<StartMigrationRequest> = {
     if (message.freePageHinting !== false) {
       obj.freePageHinting = message.freePageHinting;
     }
+    if (message.maxTotalMs !== 0) {
+      obj.maxTotalMs = Math.round(message.maxTotalMs);
+    }
+    if (message.throttleInitialPct !== 0) {
+      obj.throttleInitialPct = Math.round(message.throttleInitialPct);
+    }
+    if (message.throttleIncrementPct !== 0) {
+      obj.throttleIncrementPct = Math.round(message.throttleIncrementPct);
+    }
+    if (message.throttleMaxPct !== 0) {
+      obj.throttleMaxPct = Math.round(message.throttleMaxPct);
+    }
     return obj;
   },
 
@@ -407,6 +546,10 @@ export const StartMigrationRequest: MessageFns<StartMigrationRequest> = {
     message.dirtyReporting = object.dirtyReporting ?? 0;
     message.skipBallooned = object.skipBallooned ?? false;
     message.freePageHinting = object.freePageHinting ?? false;
+    message.maxTotalMs = object.maxTotalMs ?? 0;
+    message.throttleInitialPct = object.throttleInitialPct ?? 0;
+    message.throttleIncrementPct = object.throttleIncrementPct ?? 0;
+    message.throttleMaxPct = object.throttleMaxPct ?? 0;
     return message;
   },
 };
@@ -478,6 +621,300 @@ export const MigrationRef: MessageFns<MigrationRef> = {
   },
 };
 
+function createBasePrecopyRound(): PrecopyRound {
+  return {
+    round: 0,
+    dirtyVcpu: 0,
+    dirtyDevice: 0,
+    dirtyVfio: 0,
+    pages: 0,
+    zeroPages: 0,
+    bytes: 0,
+    durationMs: 0,
+    bandwidthBytesPerS: 0,
+    dirtyRateBytesPerS: 0,
+    expectedDowntimeMs: 0,
+    throttlePct: 0,
+  };
+}
+
+export const PrecopyRound: MessageFns<PrecopyRound> = {
+  encode(message: PrecopyRound, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.round !== 0) {
+      writer.uint32(8).uint32(message.round);
+    }
+    if (message.dirtyVcpu !== 0) {
+      writer.uint32(16).uint64(message.dirtyVcpu);
+    }
+    if (message.dirtyDevice !== 0) {
+      writer.uint32(24).uint64(message.dirtyDevice);
+    }
+    if (message.dirtyVfio !== 0) {
+      writer.uint32(32).uint64(message.dirtyVfio);
+    }
+    if (message.pages !== 0) {
+      writer.uint32(40).uint64(message.pages);
+    }
+    if (message.zeroPages !== 0) {
+      writer.uint32(48).uint64(message.zeroPages);
+    }
+    if (message.bytes !== 0) {
+      writer.uint32(56).uint64(message.bytes);
+    }
+    if (message.durationMs !== 0) {
+      writer.uint32(64).uint64(message.durationMs);
+    }
+    if (message.bandwidthBytesPerS !== 0) {
+      writer.uint32(72).uint64(message.bandwidthBytesPerS);
+    }
+    if (message.dirtyRateBytesPerS !== 0) {
+      writer.uint32(80).uint64(message.dirtyRateBytesPerS);
+    }
+    if (message.expectedDowntimeMs !== 0) {
+      writer.uint32(88).uint32(message.expectedDowntimeMs);
+    }
+    if (message.throttlePct !== 0) {
+      writer.uint32(96).uint32(message.throttlePct);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PrecopyRound {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePrecopyRound();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.round = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.dirtyVcpu = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.dirtyDevice = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.dirtyVfio = longToNumber(reader.uint64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.pages = longToNumber(reader.uint64());
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.zeroPages = longToNumber(reader.uint64());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.bytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.durationMs = longToNumber(reader.uint64());
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.bandwidthBytesPerS = longToNumber(reader.uint64());
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.dirtyRateBytesPerS = longToNumber(reader.uint64());
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.expectedDowntimeMs = reader.uint32();
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.throttlePct = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PrecopyRound {
+    return {
+      round: isSet(object.round) ? globalThis.Number(object.round) : 0,
+      dirtyVcpu: isSet(object.dirtyVcpu)
+        ? globalThis.Number(object.dirtyVcpu)
+        : isSet(object.dirty_vcpu)
+        ? globalThis.Number(object.dirty_vcpu)
+        : 0,
+      dirtyDevice: isSet(object.dirtyDevice)
+        ? globalThis.Number(object.dirtyDevice)
+        : isSet(object.dirty_device)
+        ? globalThis.Number(object.dirty_device)
+        : 0,
+      dirtyVfio: isSet(object.dirtyVfio)
+        ? globalThis.Number(object.dirtyVfio)
+        : isSet(object.dirty_vfio)
+        ? globalThis.Number(object.dirty_vfio)
+        : 0,
+      pages: isSet(object.pages) ? globalThis.Number(object.pages) : 0,
+      zeroPages: isSet(object.zeroPages)
+        ? globalThis.Number(object.zeroPages)
+        : isSet(object.zero_pages)
+        ? globalThis.Number(object.zero_pages)
+        : 0,
+      bytes: isSet(object.bytes) ? globalThis.Number(object.bytes) : 0,
+      durationMs: isSet(object.durationMs)
+        ? globalThis.Number(object.durationMs)
+        : isSet(object.duration_ms)
+        ? globalThis.Number(object.duration_ms)
+        : 0,
+      bandwidthBytesPerS: isSet(object.bandwidthBytesPerS)
+        ? globalThis.Number(object.bandwidthBytesPerS)
+        : isSet(object.bandwidth_bytes_per_s)
+        ? globalThis.Number(object.bandwidth_bytes_per_s)
+        : 0,
+      dirtyRateBytesPerS: isSet(object.dirtyRateBytesPerS)
+        ? globalThis.Number(object.dirtyRateBytesPerS)
+        : isSet(object.dirty_rate_bytes_per_s)
+        ? globalThis.Number(object.dirty_rate_bytes_per_s)
+        : 0,
+      expectedDowntimeMs: isSet(object.expectedDowntimeMs)
+        ? globalThis.Number(object.expectedDowntimeMs)
+        : isSet(object.expected_downtime_ms)
+        ? globalThis.Number(object.expected_downtime_ms)
+        : 0,
+      throttlePct: isSet(object.throttlePct)
+        ? globalThis.Number(object.throttlePct)
+        : isSet(object.throttle_pct)
+        ? globalThis.Number(object.throttle_pct)
+        : 0,
+    };
+  },
+
+  toJSON(message: PrecopyRound): unknown {
+    const obj: any = {};
+    if (message.round !== 0) {
+      obj.round = Math.round(message.round);
+    }
+    if (message.dirtyVcpu !== 0) {
+      obj.dirtyVcpu = Math.round(message.dirtyVcpu);
+    }
+    if (message.dirtyDevice !== 0) {
+      obj.dirtyDevice = Math.round(message.dirtyDevice);
+    }
+    if (message.dirtyVfio !== 0) {
+      obj.dirtyVfio = Math.round(message.dirtyVfio);
+    }
+    if (message.pages !== 0) {
+      obj.pages = Math.round(message.pages);
+    }
+    if (message.zeroPages !== 0) {
+      obj.zeroPages = Math.round(message.zeroPages);
+    }
+    if (message.bytes !== 0) {
+      obj.bytes = Math.round(message.bytes);
+    }
+    if (message.durationMs !== 0) {
+      obj.durationMs = Math.round(message.durationMs);
+    }
+    if (message.bandwidthBytesPerS !== 0) {
+      obj.bandwidthBytesPerS = Math.round(message.bandwidthBytesPerS);
+    }
+    if (message.dirtyRateBytesPerS !== 0) {
+      obj.dirtyRateBytesPerS = Math.round(message.dirtyRateBytesPerS);
+    }
+    if (message.expectedDowntimeMs !== 0) {
+      obj.expectedDowntimeMs = Math.round(message.expectedDowntimeMs);
+    }
+    if (message.throttlePct !== 0) {
+      obj.throttlePct = Math.round(message.throttlePct);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PrecopyRound>): PrecopyRound {
+    return PrecopyRound.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PrecopyRound>): PrecopyRound {
+    const message = createBasePrecopyRound();
+    message.round = object.round ?? 0;
+    message.dirtyVcpu = object.dirtyVcpu ?? 0;
+    message.dirtyDevice = object.dirtyDevice ?? 0;
+    message.dirtyVfio = object.dirtyVfio ?? 0;
+    message.pages = object.pages ?? 0;
+    message.zeroPages = object.zeroPages ?? 0;
+    message.bytes = object.bytes ?? 0;
+    message.durationMs = object.durationMs ?? 0;
+    message.bandwidthBytesPerS = object.bandwidthBytesPerS ?? 0;
+    message.dirtyRateBytesPerS = object.dirtyRateBytesPerS ?? 0;
+    message.expectedDowntimeMs = object.expectedDowntimeMs ?? 0;
+    message.throttlePct = object.throttlePct ?? 0;
+    return message;
+  },
+};
+
 function createBaseMigrationStatus(): MigrationStatus {
   return {
     id: "",
@@ -495,6 +932,22 @@ function createBaseMigrationStatus(): MigrationStatus {
     totalMs: 0,
     error: "",
     traceId: "",
+    setupMs: 0,
+    totalBytes: 0,
+    pagesPerS: 0,
+    bandwidthBytesPerS: 0,
+    downtimeLimitMs: 0,
+    zeroPages: 0,
+    skippedPages: 0,
+    deviceStateBytes: 0,
+    deviceStateMs: 0,
+    rounds: [],
+    startedAtMs: 0,
+    updatedAtMs: 0,
+    sourceChecksum: "",
+    destinationChecksum: "",
+    memoryMatch: false,
+    params: undefined,
   };
 }
 
@@ -544,6 +997,54 @@ export const MigrationStatus: MessageFns<MigrationStatus> = {
     }
     if (message.traceId !== "") {
       writer.uint32(122).string(message.traceId);
+    }
+    if (message.setupMs !== 0) {
+      writer.uint32(128).uint64(message.setupMs);
+    }
+    if (message.totalBytes !== 0) {
+      writer.uint32(136).uint64(message.totalBytes);
+    }
+    if (message.pagesPerS !== 0) {
+      writer.uint32(144).uint64(message.pagesPerS);
+    }
+    if (message.bandwidthBytesPerS !== 0) {
+      writer.uint32(152).uint64(message.bandwidthBytesPerS);
+    }
+    if (message.downtimeLimitMs !== 0) {
+      writer.uint32(160).uint32(message.downtimeLimitMs);
+    }
+    if (message.zeroPages !== 0) {
+      writer.uint32(168).uint64(message.zeroPages);
+    }
+    if (message.skippedPages !== 0) {
+      writer.uint32(176).uint64(message.skippedPages);
+    }
+    if (message.deviceStateBytes !== 0) {
+      writer.uint32(184).uint64(message.deviceStateBytes);
+    }
+    if (message.deviceStateMs !== 0) {
+      writer.uint32(192).uint32(message.deviceStateMs);
+    }
+    for (const v of message.rounds) {
+      PrecopyRound.encode(v!, writer.uint32(202).fork()).join();
+    }
+    if (message.startedAtMs !== 0) {
+      writer.uint32(208).uint64(message.startedAtMs);
+    }
+    if (message.updatedAtMs !== 0) {
+      writer.uint32(216).uint64(message.updatedAtMs);
+    }
+    if (message.sourceChecksum !== "") {
+      writer.uint32(226).string(message.sourceChecksum);
+    }
+    if (message.destinationChecksum !== "") {
+      writer.uint32(234).string(message.destinationChecksum);
+    }
+    if (message.memoryMatch !== false) {
+      writer.uint32(240).bool(message.memoryMatch);
+    }
+    if (message.params !== undefined) {
+      StartMigrationRequest.encode(message.params, writer.uint32(250).fork()).join();
     }
     return writer;
   },
@@ -681,6 +1182,134 @@ export const MigrationStatus: MessageFns<MigrationStatus> = {
             message.traceId = reader.string();
             continue;
           }
+          case 16: {
+            if (tag !== 128) {
+              break;
+            }
+
+            message.setupMs = longToNumber(reader.uint64());
+            continue;
+          }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.totalBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 18: {
+            if (tag !== 144) {
+              break;
+            }
+
+            message.pagesPerS = longToNumber(reader.uint64());
+            continue;
+          }
+          case 19: {
+            if (tag !== 152) {
+              break;
+            }
+
+            message.bandwidthBytesPerS = longToNumber(reader.uint64());
+            continue;
+          }
+          case 20: {
+            if (tag !== 160) {
+              break;
+            }
+
+            message.downtimeLimitMs = reader.uint32();
+            continue;
+          }
+          case 21: {
+            if (tag !== 168) {
+              break;
+            }
+
+            message.zeroPages = longToNumber(reader.uint64());
+            continue;
+          }
+          case 22: {
+            if (tag !== 176) {
+              break;
+            }
+
+            message.skippedPages = longToNumber(reader.uint64());
+            continue;
+          }
+          case 23: {
+            if (tag !== 184) {
+              break;
+            }
+
+            message.deviceStateBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 24: {
+            if (tag !== 192) {
+              break;
+            }
+
+            message.deviceStateMs = reader.uint32();
+            continue;
+          }
+          case 25: {
+            if (tag !== 202) {
+              break;
+            }
+
+            message.rounds.push(PrecopyRound.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 26: {
+            if (tag !== 208) {
+              break;
+            }
+
+            message.startedAtMs = longToNumber(reader.uint64());
+            continue;
+          }
+          case 27: {
+            if (tag !== 216) {
+              break;
+            }
+
+            message.updatedAtMs = longToNumber(reader.uint64());
+            continue;
+          }
+          case 28: {
+            if (tag !== 226) {
+              break;
+            }
+
+            message.sourceChecksum = reader.string();
+            continue;
+          }
+          case 29: {
+            if (tag !== 234) {
+              break;
+            }
+
+            message.destinationChecksum = reader.string();
+            continue;
+          }
+          case 30: {
+            if (tag !== 240) {
+              break;
+            }
+
+            message.memoryMatch = reader.bool();
+            continue;
+          }
+          case 31: {
+            if (tag !== 250) {
+              break;
+            }
+
+            message.params = StartMigrationRequest.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -750,6 +1379,80 @@ export const MigrationStatus: MessageFns<MigrationStatus> = {
         : isSet(object.trace_id)
         ? globalThis.String(object.trace_id)
         : "",
+      setupMs: isSet(object.setupMs)
+        ? globalThis.Number(object.setupMs)
+        : isSet(object.setup_ms)
+        ? globalThis.Number(object.setup_ms)
+        : 0,
+      totalBytes: isSet(object.totalBytes)
+        ? globalThis.Number(object.totalBytes)
+        : isSet(object.total_bytes)
+        ? globalThis.Number(object.total_bytes)
+        : 0,
+      pagesPerS: isSet(object.pagesPerS)
+        ? globalThis.Number(object.pagesPerS)
+        : isSet(object.pages_per_s)
+        ? globalThis.Number(object.pages_per_s)
+        : 0,
+      bandwidthBytesPerS: isSet(object.bandwidthBytesPerS)
+        ? globalThis.Number(object.bandwidthBytesPerS)
+        : isSet(object.bandwidth_bytes_per_s)
+        ? globalThis.Number(object.bandwidth_bytes_per_s)
+        : 0,
+      downtimeLimitMs: isSet(object.downtimeLimitMs)
+        ? globalThis.Number(object.downtimeLimitMs)
+        : isSet(object.downtime_limit_ms)
+        ? globalThis.Number(object.downtime_limit_ms)
+        : 0,
+      zeroPages: isSet(object.zeroPages)
+        ? globalThis.Number(object.zeroPages)
+        : isSet(object.zero_pages)
+        ? globalThis.Number(object.zero_pages)
+        : 0,
+      skippedPages: isSet(object.skippedPages)
+        ? globalThis.Number(object.skippedPages)
+        : isSet(object.skipped_pages)
+        ? globalThis.Number(object.skipped_pages)
+        : 0,
+      deviceStateBytes: isSet(object.deviceStateBytes)
+        ? globalThis.Number(object.deviceStateBytes)
+        : isSet(object.device_state_bytes)
+        ? globalThis.Number(object.device_state_bytes)
+        : 0,
+      deviceStateMs: isSet(object.deviceStateMs)
+        ? globalThis.Number(object.deviceStateMs)
+        : isSet(object.device_state_ms)
+        ? globalThis.Number(object.device_state_ms)
+        : 0,
+      rounds: globalThis.Array.isArray(object?.rounds)
+        ? object.rounds.map((e: any) => PrecopyRound.fromJSON(e))
+        : [],
+      startedAtMs: isSet(object.startedAtMs)
+        ? globalThis.Number(object.startedAtMs)
+        : isSet(object.started_at_ms)
+        ? globalThis.Number(object.started_at_ms)
+        : 0,
+      updatedAtMs: isSet(object.updatedAtMs)
+        ? globalThis.Number(object.updatedAtMs)
+        : isSet(object.updated_at_ms)
+        ? globalThis.Number(object.updated_at_ms)
+        : 0,
+      sourceChecksum: isSet(object.sourceChecksum)
+        ? globalThis.String(object.sourceChecksum)
+        : isSet(object.source_checksum)
+        ? globalThis.String(object.source_checksum)
+        : "",
+      destinationChecksum: isSet(object.destinationChecksum)
+        ? globalThis.String(object.destinationChecksum)
+        : isSet(object.destination_checksum)
+        ? globalThis.String(object.destination_checksum)
+        : "",
+      memoryMatch: isSet(object.memoryMatch)
+        ? globalThis.Boolean(object.memoryMatch)
+        : isSet(object.memory_match)
+        ? globalThis.Boolean(object.memory_match)
+        : false,
+      params: isSet(object.params) ? StartMigrationRequest.fromJSON(object.params) : undefined,
     };
   },
 
@@ -800,6 +1503,54 @@ export const MigrationStatus: MessageFns<MigrationStatus> = {
     if (message.traceId !== "") {
       obj.traceId = message.traceId;
     }
+    if (message.setupMs !== 0) {
+      obj.setupMs = Math.round(message.setupMs);
+    }
+    if (message.totalBytes !== 0) {
+      obj.totalBytes = Math.round(message.totalBytes);
+    }
+    if (message.pagesPerS !== 0) {
+      obj.pagesPerS = Math.round(message.pagesPerS);
+    }
+    if (message.bandwidthBytesPerS !== 0) {
+      obj.bandwidthBytesPerS = Math.round(message.bandwidthBytesPerS);
+    }
+    if (message.downtimeLimitMs !== 0) {
+      obj.downtimeLimitMs = Math.round(message.downtimeLimitMs);
+    }
+    if (message.zeroPages !== 0) {
+      obj.zeroPages = Math.round(message.zeroPages);
+    }
+    if (message.skippedPages !== 0) {
+      obj.skippedPages = Math.round(message.skippedPages);
+    }
+    if (message.deviceStateBytes !== 0) {
+      obj.deviceStateBytes = Math.round(message.deviceStateBytes);
+    }
+    if (message.deviceStateMs !== 0) {
+      obj.deviceStateMs = Math.round(message.deviceStateMs);
+    }
+    if (message.rounds?.length) {
+      obj.rounds = message.rounds.map((e) => PrecopyRound.toJSON(e));
+    }
+    if (message.startedAtMs !== 0) {
+      obj.startedAtMs = Math.round(message.startedAtMs);
+    }
+    if (message.updatedAtMs !== 0) {
+      obj.updatedAtMs = Math.round(message.updatedAtMs);
+    }
+    if (message.sourceChecksum !== "") {
+      obj.sourceChecksum = message.sourceChecksum;
+    }
+    if (message.destinationChecksum !== "") {
+      obj.destinationChecksum = message.destinationChecksum;
+    }
+    if (message.memoryMatch !== false) {
+      obj.memoryMatch = message.memoryMatch;
+    }
+    if (message.params !== undefined) {
+      obj.params = StartMigrationRequest.toJSON(message.params);
+    }
     return obj;
   },
 
@@ -823,6 +1574,24 @@ export const MigrationStatus: MessageFns<MigrationStatus> = {
     message.totalMs = object.totalMs ?? 0;
     message.error = object.error ?? "";
     message.traceId = object.traceId ?? "";
+    message.setupMs = object.setupMs ?? 0;
+    message.totalBytes = object.totalBytes ?? 0;
+    message.pagesPerS = object.pagesPerS ?? 0;
+    message.bandwidthBytesPerS = object.bandwidthBytesPerS ?? 0;
+    message.downtimeLimitMs = object.downtimeLimitMs ?? 0;
+    message.zeroPages = object.zeroPages ?? 0;
+    message.skippedPages = object.skippedPages ?? 0;
+    message.deviceStateBytes = object.deviceStateBytes ?? 0;
+    message.deviceStateMs = object.deviceStateMs ?? 0;
+    message.rounds = object.rounds?.map((e) => PrecopyRound.fromPartial(e)) || [];
+    message.startedAtMs = object.startedAtMs ?? 0;
+    message.updatedAtMs = object.updatedAtMs ?? 0;
+    message.sourceChecksum = object.sourceChecksum ?? "";
+    message.destinationChecksum = object.destinationChecksum ?? "";
+    message.memoryMatch = object.memoryMatch ?? false;
+    message.params = (object.params !== undefined && object.params !== null)
+      ? StartMigrationRequest.fromPartial(object.params)
+      : undefined;
     return message;
   },
 };

@@ -152,6 +152,11 @@ export interface CreateVmRequest {
   /** multiple of 4096, at most the sidecar's limit */
   memoryBytes: number;
   queues: QueueSpec[];
+  /**
+   * Incoming migration: the VM is created empty with exactly the layout these arguments
+   * give (the source's), waits for pages from ReceivePages, and starts no dirty logging.
+   */
+  incoming: boolean;
 }
 
 export interface VmLayout {
@@ -302,6 +307,88 @@ export interface IommuInfoResponse {
   dirtyTracking: boolean;
   pinnedPages: number;
   mappings: number;
+}
+
+export interface StartMigrationBitmapRequest {
+  vm: string;
+  /**
+   * Pages never to send (ballooned, free-hinted): one bit per guest page, little-endian
+   * 64-bit words, as FetchDirtyLog's bitmap. Empty: none.
+   */
+  skipBitmap: Buffer;
+}
+
+export interface StartMigrationBitmapResponse {
+  /** guest pages */
+  pages: number;
+  /** bits set in the migration bitmap (every page not skipped) */
+  dirty: number;
+  skipped: number;
+}
+
+export interface SyncDirtyRequest {
+  vm: string;
+  /** fetch-and-clear the vCPU dirty log (KVM_GET_DIRTY_LOG) */
+  vcpuLog: boolean;
+  /** fetch-and-clear the device dirty log (VHOST_F_LOG_ALL) */
+  deviceLog: boolean;
+  /**
+   * VFIO_IOMMU_DIRTY_PAGES GET_BITMAP over every DMA mapping, when the container is
+   * tracking: UNSPECIFIED skips it; ALL is the seed's (pinned pages always dirty);
+   * UNPINNED leaves pinned pages out (stop-only reporting, pre-copy rounds).
+   */
+  vfioReport: DirtyReport;
+}
+
+export interface SyncDirtyResponse {
+  /** pages each source reported this sync */
+  dirtyVcpu: number;
+  dirtyDevice: number;
+  dirtyVfio: number;
+  /** pages newly set in the migration bitmap (union minus already set, minus skipped) */
+  newDirty: number;
+  /** bits set in the migration bitmap afterwards */
+  remaining: number;
+}
+
+export interface SendDirtyRequest {
+  vm: string;
+  /** its shm-sidecar is found in the registry */
+  destinationHost: string;
+  round: number;
+  /** max-bandwidth, applied by this sender; 0: unlimited */
+  bandwidthBytesPerS: number;
+  /** pages per PageBatch; 0: 256 */
+  batchPages: number;
+}
+
+export interface SendDirtyResponse {
+  /** pages sent (zero pages included) */
+  pages: number;
+  /** sent as a flag, no data */
+  zeroPages: number;
+  /** payload bytes put on the stream */
+  bytes: number;
+  /** time on the stream, first batch to the receiver's answer */
+  elapsedUs: number;
+}
+
+export interface StopMigrationBitmapResponse {
+  existed: boolean;
+}
+
+export interface ChecksumMemoryRequest {
+  vm: string;
+  /** pages left out of the sum (skipped ones); empty: none */
+  excludeBitmap: Buffer;
+}
+
+export interface MemoryChecksum {
+  /** over (pfn, page) of every page not excluded, in pfn order; zero pages as zeros */
+  sha256: string;
+  /** pages summed */
+  pages: number;
+  zeroPages: number;
 }
 
 export interface PageBatch {
@@ -622,7 +709,7 @@ export const QueueSpec: MessageFns<QueueSpec> = {
 };
 
 function createBaseCreateVmRequest(): CreateVmRequest {
-  return { vm: "", memoryBytes: 0, queues: [] };
+  return { vm: "", memoryBytes: 0, queues: [], incoming: false };
 }
 
 export const CreateVmRequest: MessageFns<CreateVmRequest> = {
@@ -635,6 +722,9 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
     }
     for (const v of message.queues) {
       QueueSpec.encode(v!, writer.uint32(26).fork()).join();
+    }
+    if (message.incoming !== false) {
+      writer.uint32(32).bool(message.incoming);
     }
     return writer;
   },
@@ -676,6 +766,14 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
             message.queues.push(QueueSpec.decode(reader, reader.uint32()));
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.incoming = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -697,6 +795,7 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
         ? globalThis.Number(object.memory_bytes)
         : 0,
       queues: globalThis.Array.isArray(object?.queues) ? object.queues.map((e: any) => QueueSpec.fromJSON(e)) : [],
+      incoming: isSet(object.incoming) ? globalThis.Boolean(object.incoming) : false,
     };
   },
 
@@ -711,6 +810,9 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
     if (message.queues?.length) {
       obj.queues = message.queues.map((e) => QueueSpec.toJSON(e));
     }
+    if (message.incoming !== false) {
+      obj.incoming = message.incoming;
+    }
     return obj;
   },
 
@@ -722,6 +824,7 @@ export const CreateVmRequest: MessageFns<CreateVmRequest> = {
     message.vm = object.vm ?? "";
     message.memoryBytes = object.memoryBytes ?? 0;
     message.queues = object.queues?.map((e) => QueueSpec.fromPartial(e)) || [];
+    message.incoming = object.incoming ?? false;
     return message;
   },
 };
@@ -3014,6 +3117,1005 @@ export const IommuInfoResponse: MessageFns<IommuInfoResponse> = {
   },
 };
 
+function createBaseStartMigrationBitmapRequest(): StartMigrationBitmapRequest {
+  return { vm: "", skipBitmap: Buffer.alloc(0) };
+}
+
+export const StartMigrationBitmapRequest: MessageFns<StartMigrationBitmapRequest> = {
+  encode(message: StartMigrationBitmapRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.skipBitmap.length !== 0) {
+      writer.uint32(18).bytes(message.skipBitmap);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StartMigrationBitmapRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStartMigrationBitmapRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.skipBitmap = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StartMigrationBitmapRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      skipBitmap: isSet(object.skipBitmap)
+        ? Buffer.from(bytesFromBase64(object.skipBitmap))
+        : isSet(object.skip_bitmap)
+        ? Buffer.from(bytesFromBase64(object.skip_bitmap))
+        : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: StartMigrationBitmapRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.skipBitmap.length !== 0) {
+      obj.skipBitmap = base64FromBytes(message.skipBitmap);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<StartMigrationBitmapRequest>): StartMigrationBitmapRequest {
+    return StartMigrationBitmapRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<StartMigrationBitmapRequest>): StartMigrationBitmapRequest {
+    const message = createBaseStartMigrationBitmapRequest();
+    message.vm = object.vm ?? "";
+    message.skipBitmap = object.skipBitmap ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseStartMigrationBitmapResponse(): StartMigrationBitmapResponse {
+  return { pages: 0, dirty: 0, skipped: 0 };
+}
+
+export const StartMigrationBitmapResponse: MessageFns<StartMigrationBitmapResponse> = {
+  encode(message: StartMigrationBitmapResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.pages !== 0) {
+      writer.uint32(8).uint64(message.pages);
+    }
+    if (message.dirty !== 0) {
+      writer.uint32(16).uint64(message.dirty);
+    }
+    if (message.skipped !== 0) {
+      writer.uint32(24).uint64(message.skipped);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StartMigrationBitmapResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStartMigrationBitmapResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.pages = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.dirty = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.skipped = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StartMigrationBitmapResponse {
+    return {
+      pages: isSet(object.pages) ? globalThis.Number(object.pages) : 0,
+      dirty: isSet(object.dirty) ? globalThis.Number(object.dirty) : 0,
+      skipped: isSet(object.skipped) ? globalThis.Number(object.skipped) : 0,
+    };
+  },
+
+  toJSON(message: StartMigrationBitmapResponse): unknown {
+    const obj: any = {};
+    if (message.pages !== 0) {
+      obj.pages = Math.round(message.pages);
+    }
+    if (message.dirty !== 0) {
+      obj.dirty = Math.round(message.dirty);
+    }
+    if (message.skipped !== 0) {
+      obj.skipped = Math.round(message.skipped);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<StartMigrationBitmapResponse>): StartMigrationBitmapResponse {
+    return StartMigrationBitmapResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<StartMigrationBitmapResponse>): StartMigrationBitmapResponse {
+    const message = createBaseStartMigrationBitmapResponse();
+    message.pages = object.pages ?? 0;
+    message.dirty = object.dirty ?? 0;
+    message.skipped = object.skipped ?? 0;
+    return message;
+  },
+};
+
+function createBaseSyncDirtyRequest(): SyncDirtyRequest {
+  return { vm: "", vcpuLog: false, deviceLog: false, vfioReport: 0 };
+}
+
+export const SyncDirtyRequest: MessageFns<SyncDirtyRequest> = {
+  encode(message: SyncDirtyRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.vcpuLog !== false) {
+      writer.uint32(16).bool(message.vcpuLog);
+    }
+    if (message.deviceLog !== false) {
+      writer.uint32(24).bool(message.deviceLog);
+    }
+    if (message.vfioReport !== 0) {
+      writer.uint32(32).int32(message.vfioReport);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SyncDirtyRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSyncDirtyRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.vcpuLog = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.deviceLog = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.vfioReport = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SyncDirtyRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      vcpuLog: isSet(object.vcpuLog)
+        ? globalThis.Boolean(object.vcpuLog)
+        : isSet(object.vcpu_log)
+        ? globalThis.Boolean(object.vcpu_log)
+        : false,
+      deviceLog: isSet(object.deviceLog)
+        ? globalThis.Boolean(object.deviceLog)
+        : isSet(object.device_log)
+        ? globalThis.Boolean(object.device_log)
+        : false,
+      vfioReport: isSet(object.vfioReport)
+        ? dirtyReportFromJSON(object.vfioReport)
+        : isSet(object.vfio_report)
+        ? dirtyReportFromJSON(object.vfio_report)
+        : 0,
+    };
+  },
+
+  toJSON(message: SyncDirtyRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.vcpuLog !== false) {
+      obj.vcpuLog = message.vcpuLog;
+    }
+    if (message.deviceLog !== false) {
+      obj.deviceLog = message.deviceLog;
+    }
+    if (message.vfioReport !== 0) {
+      obj.vfioReport = dirtyReportToJSON(message.vfioReport);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SyncDirtyRequest>): SyncDirtyRequest {
+    return SyncDirtyRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SyncDirtyRequest>): SyncDirtyRequest {
+    const message = createBaseSyncDirtyRequest();
+    message.vm = object.vm ?? "";
+    message.vcpuLog = object.vcpuLog ?? false;
+    message.deviceLog = object.deviceLog ?? false;
+    message.vfioReport = object.vfioReport ?? 0;
+    return message;
+  },
+};
+
+function createBaseSyncDirtyResponse(): SyncDirtyResponse {
+  return { dirtyVcpu: 0, dirtyDevice: 0, dirtyVfio: 0, newDirty: 0, remaining: 0 };
+}
+
+export const SyncDirtyResponse: MessageFns<SyncDirtyResponse> = {
+  encode(message: SyncDirtyResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.dirtyVcpu !== 0) {
+      writer.uint32(8).uint64(message.dirtyVcpu);
+    }
+    if (message.dirtyDevice !== 0) {
+      writer.uint32(16).uint64(message.dirtyDevice);
+    }
+    if (message.dirtyVfio !== 0) {
+      writer.uint32(24).uint64(message.dirtyVfio);
+    }
+    if (message.newDirty !== 0) {
+      writer.uint32(32).uint64(message.newDirty);
+    }
+    if (message.remaining !== 0) {
+      writer.uint32(40).uint64(message.remaining);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SyncDirtyResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSyncDirtyResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.dirtyVcpu = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.dirtyDevice = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.dirtyVfio = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.newDirty = longToNumber(reader.uint64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.remaining = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SyncDirtyResponse {
+    return {
+      dirtyVcpu: isSet(object.dirtyVcpu)
+        ? globalThis.Number(object.dirtyVcpu)
+        : isSet(object.dirty_vcpu)
+        ? globalThis.Number(object.dirty_vcpu)
+        : 0,
+      dirtyDevice: isSet(object.dirtyDevice)
+        ? globalThis.Number(object.dirtyDevice)
+        : isSet(object.dirty_device)
+        ? globalThis.Number(object.dirty_device)
+        : 0,
+      dirtyVfio: isSet(object.dirtyVfio)
+        ? globalThis.Number(object.dirtyVfio)
+        : isSet(object.dirty_vfio)
+        ? globalThis.Number(object.dirty_vfio)
+        : 0,
+      newDirty: isSet(object.newDirty)
+        ? globalThis.Number(object.newDirty)
+        : isSet(object.new_dirty)
+        ? globalThis.Number(object.new_dirty)
+        : 0,
+      remaining: isSet(object.remaining) ? globalThis.Number(object.remaining) : 0,
+    };
+  },
+
+  toJSON(message: SyncDirtyResponse): unknown {
+    const obj: any = {};
+    if (message.dirtyVcpu !== 0) {
+      obj.dirtyVcpu = Math.round(message.dirtyVcpu);
+    }
+    if (message.dirtyDevice !== 0) {
+      obj.dirtyDevice = Math.round(message.dirtyDevice);
+    }
+    if (message.dirtyVfio !== 0) {
+      obj.dirtyVfio = Math.round(message.dirtyVfio);
+    }
+    if (message.newDirty !== 0) {
+      obj.newDirty = Math.round(message.newDirty);
+    }
+    if (message.remaining !== 0) {
+      obj.remaining = Math.round(message.remaining);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SyncDirtyResponse>): SyncDirtyResponse {
+    return SyncDirtyResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SyncDirtyResponse>): SyncDirtyResponse {
+    const message = createBaseSyncDirtyResponse();
+    message.dirtyVcpu = object.dirtyVcpu ?? 0;
+    message.dirtyDevice = object.dirtyDevice ?? 0;
+    message.dirtyVfio = object.dirtyVfio ?? 0;
+    message.newDirty = object.newDirty ?? 0;
+    message.remaining = object.remaining ?? 0;
+    return message;
+  },
+};
+
+function createBaseSendDirtyRequest(): SendDirtyRequest {
+  return { vm: "", destinationHost: "", round: 0, bandwidthBytesPerS: 0, batchPages: 0 };
+}
+
+export const SendDirtyRequest: MessageFns<SendDirtyRequest> = {
+  encode(message: SendDirtyRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.destinationHost !== "") {
+      writer.uint32(18).string(message.destinationHost);
+    }
+    if (message.round !== 0) {
+      writer.uint32(24).uint32(message.round);
+    }
+    if (message.bandwidthBytesPerS !== 0) {
+      writer.uint32(32).uint64(message.bandwidthBytesPerS);
+    }
+    if (message.batchPages !== 0) {
+      writer.uint32(40).uint32(message.batchPages);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SendDirtyRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSendDirtyRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.destinationHost = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.round = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.bandwidthBytesPerS = longToNumber(reader.uint64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.batchPages = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SendDirtyRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      destinationHost: isSet(object.destinationHost)
+        ? globalThis.String(object.destinationHost)
+        : isSet(object.destination_host)
+        ? globalThis.String(object.destination_host)
+        : "",
+      round: isSet(object.round) ? globalThis.Number(object.round) : 0,
+      bandwidthBytesPerS: isSet(object.bandwidthBytesPerS)
+        ? globalThis.Number(object.bandwidthBytesPerS)
+        : isSet(object.bandwidth_bytes_per_s)
+        ? globalThis.Number(object.bandwidth_bytes_per_s)
+        : 0,
+      batchPages: isSet(object.batchPages)
+        ? globalThis.Number(object.batchPages)
+        : isSet(object.batch_pages)
+        ? globalThis.Number(object.batch_pages)
+        : 0,
+    };
+  },
+
+  toJSON(message: SendDirtyRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.destinationHost !== "") {
+      obj.destinationHost = message.destinationHost;
+    }
+    if (message.round !== 0) {
+      obj.round = Math.round(message.round);
+    }
+    if (message.bandwidthBytesPerS !== 0) {
+      obj.bandwidthBytesPerS = Math.round(message.bandwidthBytesPerS);
+    }
+    if (message.batchPages !== 0) {
+      obj.batchPages = Math.round(message.batchPages);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SendDirtyRequest>): SendDirtyRequest {
+    return SendDirtyRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SendDirtyRequest>): SendDirtyRequest {
+    const message = createBaseSendDirtyRequest();
+    message.vm = object.vm ?? "";
+    message.destinationHost = object.destinationHost ?? "";
+    message.round = object.round ?? 0;
+    message.bandwidthBytesPerS = object.bandwidthBytesPerS ?? 0;
+    message.batchPages = object.batchPages ?? 0;
+    return message;
+  },
+};
+
+function createBaseSendDirtyResponse(): SendDirtyResponse {
+  return { pages: 0, zeroPages: 0, bytes: 0, elapsedUs: 0 };
+}
+
+export const SendDirtyResponse: MessageFns<SendDirtyResponse> = {
+  encode(message: SendDirtyResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.pages !== 0) {
+      writer.uint32(8).uint64(message.pages);
+    }
+    if (message.zeroPages !== 0) {
+      writer.uint32(16).uint64(message.zeroPages);
+    }
+    if (message.bytes !== 0) {
+      writer.uint32(24).uint64(message.bytes);
+    }
+    if (message.elapsedUs !== 0) {
+      writer.uint32(32).uint64(message.elapsedUs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SendDirtyResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSendDirtyResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.pages = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.zeroPages = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.bytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.elapsedUs = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SendDirtyResponse {
+    return {
+      pages: isSet(object.pages) ? globalThis.Number(object.pages) : 0,
+      zeroPages: isSet(object.zeroPages)
+        ? globalThis.Number(object.zeroPages)
+        : isSet(object.zero_pages)
+        ? globalThis.Number(object.zero_pages)
+        : 0,
+      bytes: isSet(object.bytes) ? globalThis.Number(object.bytes) : 0,
+      elapsedUs: isSet(object.elapsedUs)
+        ? globalThis.Number(object.elapsedUs)
+        : isSet(object.elapsed_us)
+        ? globalThis.Number(object.elapsed_us)
+        : 0,
+    };
+  },
+
+  toJSON(message: SendDirtyResponse): unknown {
+    const obj: any = {};
+    if (message.pages !== 0) {
+      obj.pages = Math.round(message.pages);
+    }
+    if (message.zeroPages !== 0) {
+      obj.zeroPages = Math.round(message.zeroPages);
+    }
+    if (message.bytes !== 0) {
+      obj.bytes = Math.round(message.bytes);
+    }
+    if (message.elapsedUs !== 0) {
+      obj.elapsedUs = Math.round(message.elapsedUs);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SendDirtyResponse>): SendDirtyResponse {
+    return SendDirtyResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SendDirtyResponse>): SendDirtyResponse {
+    const message = createBaseSendDirtyResponse();
+    message.pages = object.pages ?? 0;
+    message.zeroPages = object.zeroPages ?? 0;
+    message.bytes = object.bytes ?? 0;
+    message.elapsedUs = object.elapsedUs ?? 0;
+    return message;
+  },
+};
+
+function createBaseStopMigrationBitmapResponse(): StopMigrationBitmapResponse {
+  return { existed: false };
+}
+
+export const StopMigrationBitmapResponse: MessageFns<StopMigrationBitmapResponse> = {
+  encode(message: StopMigrationBitmapResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.existed !== false) {
+      writer.uint32(8).bool(message.existed);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StopMigrationBitmapResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStopMigrationBitmapResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.existed = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StopMigrationBitmapResponse {
+    return { existed: isSet(object.existed) ? globalThis.Boolean(object.existed) : false };
+  },
+
+  toJSON(message: StopMigrationBitmapResponse): unknown {
+    const obj: any = {};
+    if (message.existed !== false) {
+      obj.existed = message.existed;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<StopMigrationBitmapResponse>): StopMigrationBitmapResponse {
+    return StopMigrationBitmapResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<StopMigrationBitmapResponse>): StopMigrationBitmapResponse {
+    const message = createBaseStopMigrationBitmapResponse();
+    message.existed = object.existed ?? false;
+    return message;
+  },
+};
+
+function createBaseChecksumMemoryRequest(): ChecksumMemoryRequest {
+  return { vm: "", excludeBitmap: Buffer.alloc(0) };
+}
+
+export const ChecksumMemoryRequest: MessageFns<ChecksumMemoryRequest> = {
+  encode(message: ChecksumMemoryRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.excludeBitmap.length !== 0) {
+      writer.uint32(18).bytes(message.excludeBitmap);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ChecksumMemoryRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseChecksumMemoryRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.excludeBitmap = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ChecksumMemoryRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      excludeBitmap: isSet(object.excludeBitmap)
+        ? Buffer.from(bytesFromBase64(object.excludeBitmap))
+        : isSet(object.exclude_bitmap)
+        ? Buffer.from(bytesFromBase64(object.exclude_bitmap))
+        : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: ChecksumMemoryRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.excludeBitmap.length !== 0) {
+      obj.excludeBitmap = base64FromBytes(message.excludeBitmap);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ChecksumMemoryRequest>): ChecksumMemoryRequest {
+    return ChecksumMemoryRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ChecksumMemoryRequest>): ChecksumMemoryRequest {
+    const message = createBaseChecksumMemoryRequest();
+    message.vm = object.vm ?? "";
+    message.excludeBitmap = object.excludeBitmap ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseMemoryChecksum(): MemoryChecksum {
+  return { sha256: "", pages: 0, zeroPages: 0 };
+}
+
+export const MemoryChecksum: MessageFns<MemoryChecksum> = {
+  encode(message: MemoryChecksum, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.sha256 !== "") {
+      writer.uint32(10).string(message.sha256);
+    }
+    if (message.pages !== 0) {
+      writer.uint32(16).uint64(message.pages);
+    }
+    if (message.zeroPages !== 0) {
+      writer.uint32(24).uint64(message.zeroPages);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MemoryChecksum {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMemoryChecksum();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.sha256 = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.pages = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.zeroPages = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): MemoryChecksum {
+    return {
+      sha256: isSet(object.sha256) ? globalThis.String(object.sha256) : "",
+      pages: isSet(object.pages) ? globalThis.Number(object.pages) : 0,
+      zeroPages: isSet(object.zeroPages)
+        ? globalThis.Number(object.zeroPages)
+        : isSet(object.zero_pages)
+        ? globalThis.Number(object.zero_pages)
+        : 0,
+    };
+  },
+
+  toJSON(message: MemoryChecksum): unknown {
+    const obj: any = {};
+    if (message.sha256 !== "") {
+      obj.sha256 = message.sha256;
+    }
+    if (message.pages !== 0) {
+      obj.pages = Math.round(message.pages);
+    }
+    if (message.zeroPages !== 0) {
+      obj.zeroPages = Math.round(message.zeroPages);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<MemoryChecksum>): MemoryChecksum {
+    return MemoryChecksum.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<MemoryChecksum>): MemoryChecksum {
+    const message = createBaseMemoryChecksum();
+    message.sha256 = object.sha256 ?? "";
+    message.pages = object.pages ?? 0;
+    message.zeroPages = object.zeroPages ?? 0;
+    return message;
+  },
+};
+
 function createBasePageBatch(): PageBatch {
   return { vm: "", round: 0, pfns: [], data: Buffer.alloc(0), zero: false };
 }
@@ -3388,6 +4490,55 @@ export const SharedMemoryServiceService = {
       Buffer.from(ReceivePagesResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): ReceivePagesResponse => ReceivePagesResponse.decode(value),
   },
+  startMigrationBitmap: {
+    path: "/virtmesh.sidecar.v1.SharedMemoryService/StartMigrationBitmap" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: StartMigrationBitmapRequest): Buffer =>
+      Buffer.from(StartMigrationBitmapRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): StartMigrationBitmapRequest => StartMigrationBitmapRequest.decode(value),
+    responseSerialize: (value: StartMigrationBitmapResponse): Buffer =>
+      Buffer.from(StartMigrationBitmapResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): StartMigrationBitmapResponse => StartMigrationBitmapResponse.decode(value),
+  },
+  syncDirty: {
+    path: "/virtmesh.sidecar.v1.SharedMemoryService/SyncDirty" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: SyncDirtyRequest): Buffer => Buffer.from(SyncDirtyRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SyncDirtyRequest => SyncDirtyRequest.decode(value),
+    responseSerialize: (value: SyncDirtyResponse): Buffer => Buffer.from(SyncDirtyResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SyncDirtyResponse => SyncDirtyResponse.decode(value),
+  },
+  sendDirty: {
+    path: "/virtmesh.sidecar.v1.SharedMemoryService/SendDirty" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: SendDirtyRequest): Buffer => Buffer.from(SendDirtyRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SendDirtyRequest => SendDirtyRequest.decode(value),
+    responseSerialize: (value: SendDirtyResponse): Buffer => Buffer.from(SendDirtyResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SendDirtyResponse => SendDirtyResponse.decode(value),
+  },
+  stopMigrationBitmap: {
+    path: "/virtmesh.sidecar.v1.SharedMemoryService/StopMigrationBitmap" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: VmRef): Buffer => Buffer.from(VmRef.encode(value).finish()),
+    requestDeserialize: (value: Buffer): VmRef => VmRef.decode(value),
+    responseSerialize: (value: StopMigrationBitmapResponse): Buffer =>
+      Buffer.from(StopMigrationBitmapResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): StopMigrationBitmapResponse => StopMigrationBitmapResponse.decode(value),
+  },
+  checksumMemory: {
+    path: "/virtmesh.sidecar.v1.SharedMemoryService/ChecksumMemory" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ChecksumMemoryRequest): Buffer =>
+      Buffer.from(ChecksumMemoryRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ChecksumMemoryRequest => ChecksumMemoryRequest.decode(value),
+    responseSerialize: (value: MemoryChecksum): Buffer => Buffer.from(MemoryChecksum.encode(value).finish()),
+    responseDeserialize: (value: Buffer): MemoryChecksum => MemoryChecksum.decode(value),
+  },
 } as const;
 
 export interface SharedMemoryServiceServer extends UntypedServiceImplementation {
@@ -3406,6 +4557,11 @@ export interface SharedMemoryServiceServer extends UntypedServiceImplementation 
   dirtyPages: handleUnaryCall<DirtyPagesRequest, DirtyPagesResponse>;
   iommuInfo: handleUnaryCall<VmRef, IommuInfoResponse>;
   receivePages: handleClientStreamingCall<PageBatch, ReceivePagesResponse>;
+  startMigrationBitmap: handleUnaryCall<StartMigrationBitmapRequest, StartMigrationBitmapResponse>;
+  syncDirty: handleUnaryCall<SyncDirtyRequest, SyncDirtyResponse>;
+  sendDirty: handleUnaryCall<SendDirtyRequest, SendDirtyResponse>;
+  stopMigrationBitmap: handleUnaryCall<VmRef, StopMigrationBitmapResponse>;
+  checksumMemory: handleUnaryCall<ChecksumMemoryRequest, MemoryChecksum>;
 }
 
 export interface SharedMemoryServiceClient extends Client {
@@ -3632,6 +4788,81 @@ export interface SharedMemoryServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ReceivePagesResponse) => void,
   ): ClientWritableStream<PageBatch>;
+  startMigrationBitmap(
+    request: StartMigrationBitmapRequest,
+    callback: (error: ServiceError | null, response: StartMigrationBitmapResponse) => void,
+  ): ClientUnaryCall;
+  startMigrationBitmap(
+    request: StartMigrationBitmapRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: StartMigrationBitmapResponse) => void,
+  ): ClientUnaryCall;
+  startMigrationBitmap(
+    request: StartMigrationBitmapRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: StartMigrationBitmapResponse) => void,
+  ): ClientUnaryCall;
+  syncDirty(
+    request: SyncDirtyRequest,
+    callback: (error: ServiceError | null, response: SyncDirtyResponse) => void,
+  ): ClientUnaryCall;
+  syncDirty(
+    request: SyncDirtyRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: SyncDirtyResponse) => void,
+  ): ClientUnaryCall;
+  syncDirty(
+    request: SyncDirtyRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: SyncDirtyResponse) => void,
+  ): ClientUnaryCall;
+  sendDirty(
+    request: SendDirtyRequest,
+    callback: (error: ServiceError | null, response: SendDirtyResponse) => void,
+  ): ClientUnaryCall;
+  sendDirty(
+    request: SendDirtyRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: SendDirtyResponse) => void,
+  ): ClientUnaryCall;
+  sendDirty(
+    request: SendDirtyRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: SendDirtyResponse) => void,
+  ): ClientUnaryCall;
+  stopMigrationBitmap(
+    request: VmRef,
+    callback: (error: ServiceError | null, response: StopMigrationBitmapResponse) => void,
+  ): ClientUnaryCall;
+  stopMigrationBitmap(
+    request: VmRef,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: StopMigrationBitmapResponse) => void,
+  ): ClientUnaryCall;
+  stopMigrationBitmap(
+    request: VmRef,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: StopMigrationBitmapResponse) => void,
+  ): ClientUnaryCall;
+  checksumMemory(
+    request: ChecksumMemoryRequest,
+    callback: (error: ServiceError | null, response: MemoryChecksum) => void,
+  ): ClientUnaryCall;
+  checksumMemory(
+    request: ChecksumMemoryRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: MemoryChecksum) => void,
+  ): ClientUnaryCall;
+  checksumMemory(
+    request: ChecksumMemoryRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: MemoryChecksum) => void,
+  ): ClientUnaryCall;
 }
 
 export const SharedMemoryServiceClient = makeGenericClientConstructor(

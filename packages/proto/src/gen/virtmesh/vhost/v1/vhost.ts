@@ -194,6 +194,21 @@ export interface DeviceStats {
   needsResetReason: string;
 }
 
+/**
+ * The device's own state for migration, after GET_VRING_BASE stopped its rings
+ * (vhost-user's SET_DEVICE_STATE_FD, phase STOPPED): features, vring addresses and bases,
+ * event-index state, the backend (kind, image path, capacity, serial), the completion mode,
+ * cgroup. Versioned and checksummed; loading validates exactly as the setters do.
+ */
+export interface DeviceState {
+  state: Buffer;
+}
+
+export interface LoadDeviceStateRequest {
+  dev: DeviceRef | undefined;
+  state: Buffer;
+}
+
 function createBaseDeviceRef(): DeviceRef {
   return { vm: "", device: "" };
 }
@@ -1467,6 +1482,158 @@ export const DeviceStats: MessageFns<DeviceStats> = {
   },
 };
 
+function createBaseDeviceState(): DeviceState {
+  return { state: Buffer.alloc(0) };
+}
+
+export const DeviceState: MessageFns<DeviceState> = {
+  encode(message: DeviceState, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.state.length !== 0) {
+      writer.uint32(10).bytes(message.state);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DeviceState {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDeviceState();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.state = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DeviceState {
+    return { state: isSet(object.state) ? Buffer.from(bytesFromBase64(object.state)) : Buffer.alloc(0) };
+  },
+
+  toJSON(message: DeviceState): unknown {
+    const obj: any = {};
+    if (message.state.length !== 0) {
+      obj.state = base64FromBytes(message.state);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DeviceState>): DeviceState {
+    return DeviceState.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DeviceState>): DeviceState {
+    const message = createBaseDeviceState();
+    message.state = object.state ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseLoadDeviceStateRequest(): LoadDeviceStateRequest {
+  return { dev: undefined, state: Buffer.alloc(0) };
+}
+
+export const LoadDeviceStateRequest: MessageFns<LoadDeviceStateRequest> = {
+  encode(message: LoadDeviceStateRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.dev !== undefined) {
+      DeviceRef.encode(message.dev, writer.uint32(10).fork()).join();
+    }
+    if (message.state.length !== 0) {
+      writer.uint32(18).bytes(message.state);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LoadDeviceStateRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLoadDeviceStateRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.dev = DeviceRef.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.state = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LoadDeviceStateRequest {
+    return {
+      dev: isSet(object.dev) ? DeviceRef.fromJSON(object.dev) : undefined,
+      state: isSet(object.state) ? Buffer.from(bytesFromBase64(object.state)) : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: LoadDeviceStateRequest): unknown {
+    const obj: any = {};
+    if (message.dev !== undefined) {
+      obj.dev = DeviceRef.toJSON(message.dev);
+    }
+    if (message.state.length !== 0) {
+      obj.state = base64FromBytes(message.state);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<LoadDeviceStateRequest>): LoadDeviceStateRequest {
+    return LoadDeviceStateRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<LoadDeviceStateRequest>): LoadDeviceStateRequest {
+    const message = createBaseLoadDeviceStateRequest();
+    message.dev = (object.dev !== undefined && object.dev !== null) ? DeviceRef.fromPartial(object.dev) : undefined;
+    message.state = object.state ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
 export type VhostBlkServiceService = typeof VhostBlkServiceService;
 export const VhostBlkServiceService = {
   setOwner: {
@@ -1586,6 +1753,29 @@ export const VhostBlkServiceService = {
     responseSerialize: (value: DeviceStats): Buffer => Buffer.from(DeviceStats.encode(value).finish()),
     responseDeserialize: (value: Buffer): DeviceStats => DeviceStats.decode(value),
   },
+  saveDeviceState: {
+    path: "/virtmesh.vhost.v1.VhostBlkService/SaveDeviceState" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: DeviceRef): Buffer => Buffer.from(DeviceRef.encode(value).finish()),
+    requestDeserialize: (value: Buffer): DeviceRef => DeviceRef.decode(value),
+    responseSerialize: (value: DeviceState): Buffer => Buffer.from(DeviceState.encode(value).finish()),
+    responseDeserialize: (value: Buffer): DeviceState => DeviceState.decode(value),
+  },
+  /**
+   * On an owned device with no backend yet: restores features, vrings, log base and backend
+   * from the state, as the setter sequence would, the vring bases included (SET_VRING_BASE).
+   */
+  loadDeviceState: {
+    path: "/virtmesh.vhost.v1.VhostBlkService/LoadDeviceState" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: LoadDeviceStateRequest): Buffer =>
+      Buffer.from(LoadDeviceStateRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): LoadDeviceStateRequest => LoadDeviceStateRequest.decode(value),
+    responseSerialize: (value: Empty): Buffer => Buffer.from(Empty.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Empty => Empty.decode(value),
+  },
 } as const;
 
 export interface VhostBlkServiceServer extends UntypedServiceImplementation {
@@ -1602,6 +1792,12 @@ export interface VhostBlkServiceServer extends UntypedServiceImplementation {
   blkSetBackend: handleUnaryCall<BlkSetBackendRequest, Empty>;
   setLogBase: handleUnaryCall<SetLogBaseRequest, Empty>;
   getStats: handleUnaryCall<DeviceRef, DeviceStats>;
+  saveDeviceState: handleUnaryCall<DeviceRef, DeviceState>;
+  /**
+   * On an owned device with no backend yet: restores features, vrings, log base and backend
+   * from the state, as the setter sequence would, the vring bases included (SET_VRING_BASE).
+   */
+  loadDeviceState: handleUnaryCall<LoadDeviceStateRequest, Empty>;
 }
 
 export interface VhostBlkServiceClient extends Client {
@@ -1788,6 +1984,40 @@ export interface VhostBlkServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: DeviceStats) => void,
   ): ClientUnaryCall;
+  saveDeviceState(
+    request: DeviceRef,
+    callback: (error: ServiceError | null, response: DeviceState) => void,
+  ): ClientUnaryCall;
+  saveDeviceState(
+    request: DeviceRef,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: DeviceState) => void,
+  ): ClientUnaryCall;
+  saveDeviceState(
+    request: DeviceRef,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: DeviceState) => void,
+  ): ClientUnaryCall;
+  /**
+   * On an owned device with no backend yet: restores features, vrings, log base and backend
+   * from the state, as the setter sequence would, the vring bases included (SET_VRING_BASE).
+   */
+  loadDeviceState(
+    request: LoadDeviceStateRequest,
+    callback: (error: ServiceError | null, response: Empty) => void,
+  ): ClientUnaryCall;
+  loadDeviceState(
+    request: LoadDeviceStateRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Empty) => void,
+  ): ClientUnaryCall;
+  loadDeviceState(
+    request: LoadDeviceStateRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Empty) => void,
+  ): ClientUnaryCall;
 }
 
 export const VhostBlkServiceClient = makeGenericClientConstructor(
@@ -1798,6 +2028,14 @@ export const VhostBlkServiceClient = makeGenericClientConstructor(
   service: typeof VhostBlkServiceService;
   serviceName: string;
 };
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
 
