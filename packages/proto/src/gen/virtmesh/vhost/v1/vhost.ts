@@ -207,6 +207,10 @@ export interface DeviceState {
 export interface LoadDeviceStateRequest {
   dev: DeviceRef | undefined;
   state: Buffer;
+  /** This host's files (the state names none: paths differ between hosts). */
+  kickPath: string;
+  callPath: string;
+  logPath: string;
 }
 
 function createBaseDeviceRef(): DeviceRef {
@@ -1550,7 +1554,7 @@ export const DeviceState: MessageFns<DeviceState> = {
 };
 
 function createBaseLoadDeviceStateRequest(): LoadDeviceStateRequest {
-  return { dev: undefined, state: Buffer.alloc(0) };
+  return { dev: undefined, state: Buffer.alloc(0), kickPath: "", callPath: "", logPath: "" };
 }
 
 export const LoadDeviceStateRequest: MessageFns<LoadDeviceStateRequest> = {
@@ -1560,6 +1564,15 @@ export const LoadDeviceStateRequest: MessageFns<LoadDeviceStateRequest> = {
     }
     if (message.state.length !== 0) {
       writer.uint32(18).bytes(message.state);
+    }
+    if (message.kickPath !== "") {
+      writer.uint32(26).string(message.kickPath);
+    }
+    if (message.callPath !== "") {
+      writer.uint32(34).string(message.callPath);
+    }
+    if (message.logPath !== "") {
+      writer.uint32(42).string(message.logPath);
     }
     return writer;
   },
@@ -1593,6 +1606,30 @@ export const LoadDeviceStateRequest: MessageFns<LoadDeviceStateRequest> = {
             message.state = Buffer.from(reader.bytes());
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.kickPath = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.callPath = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.logPath = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1609,6 +1646,21 @@ export const LoadDeviceStateRequest: MessageFns<LoadDeviceStateRequest> = {
     return {
       dev: isSet(object.dev) ? DeviceRef.fromJSON(object.dev) : undefined,
       state: isSet(object.state) ? Buffer.from(bytesFromBase64(object.state)) : Buffer.alloc(0),
+      kickPath: isSet(object.kickPath)
+        ? globalThis.String(object.kickPath)
+        : isSet(object.kick_path)
+        ? globalThis.String(object.kick_path)
+        : "",
+      callPath: isSet(object.callPath)
+        ? globalThis.String(object.callPath)
+        : isSet(object.call_path)
+        ? globalThis.String(object.call_path)
+        : "",
+      logPath: isSet(object.logPath)
+        ? globalThis.String(object.logPath)
+        : isSet(object.log_path)
+        ? globalThis.String(object.log_path)
+        : "",
     };
   },
 
@@ -1620,6 +1672,15 @@ export const LoadDeviceStateRequest: MessageFns<LoadDeviceStateRequest> = {
     if (message.state.length !== 0) {
       obj.state = base64FromBytes(message.state);
     }
+    if (message.kickPath !== "") {
+      obj.kickPath = message.kickPath;
+    }
+    if (message.callPath !== "") {
+      obj.callPath = message.callPath;
+    }
+    if (message.logPath !== "") {
+      obj.logPath = message.logPath;
+    }
     return obj;
   },
 
@@ -1630,6 +1691,9 @@ export const LoadDeviceStateRequest: MessageFns<LoadDeviceStateRequest> = {
     const message = createBaseLoadDeviceStateRequest();
     message.dev = (object.dev !== undefined && object.dev !== null) ? DeviceRef.fromPartial(object.dev) : undefined;
     message.state = object.state ?? Buffer.alloc(0);
+    message.kickPath = object.kickPath ?? "";
+    message.callPath = object.callPath ?? "";
+    message.logPath = object.logPath ?? "";
     return message;
   },
 };
@@ -1763,8 +1827,9 @@ export const VhostBlkServiceService = {
     responseDeserialize: (value: Buffer): DeviceState => DeviceState.decode(value),
   },
   /**
-   * On an owned device with no backend yet: restores features, vrings, log base and backend
-   * from the state, as the setter sequence would, the vring bases included (SET_VRING_BASE).
+   * On an owned device with no backend yet: runs the setter sequence from the state, with
+   * the setters' checks (SET_FEATURES, SET_VRING_NUM/ADDR/BASE, this host's KICK/CALL and
+   * LOG_BASE, BLK_SET_BACKEND), so the ring resumes at the saved last_avail_idx.
    */
   loadDeviceState: {
     path: "/virtmesh.vhost.v1.VhostBlkService/LoadDeviceState" as const,
@@ -1794,8 +1859,9 @@ export interface VhostBlkServiceServer extends UntypedServiceImplementation {
   getStats: handleUnaryCall<DeviceRef, DeviceStats>;
   saveDeviceState: handleUnaryCall<DeviceRef, DeviceState>;
   /**
-   * On an owned device with no backend yet: restores features, vrings, log base and backend
-   * from the state, as the setter sequence would, the vring bases included (SET_VRING_BASE).
+   * On an owned device with no backend yet: runs the setter sequence from the state, with
+   * the setters' checks (SET_FEATURES, SET_VRING_NUM/ADDR/BASE, this host's KICK/CALL and
+   * LOG_BASE, BLK_SET_BACKEND), so the ring resumes at the saved last_avail_idx.
    */
   loadDeviceState: handleUnaryCall<LoadDeviceStateRequest, Empty>;
 }
@@ -2000,8 +2066,9 @@ export interface VhostBlkServiceClient extends Client {
     callback: (error: ServiceError | null, response: DeviceState) => void,
   ): ClientUnaryCall;
   /**
-   * On an owned device with no backend yet: restores features, vrings, log base and backend
-   * from the state, as the setter sequence would, the vring bases included (SET_VRING_BASE).
+   * On an owned device with no backend yet: runs the setter sequence from the state, with
+   * the setters' checks (SET_FEATURES, SET_VRING_NUM/ADDR/BASE, this host's KICK/CALL and
+   * LOG_BASE, BLK_SET_BACKEND), so the ring resumes at the saved last_avail_idx.
    */
   loadDeviceState(
     request: LoadDeviceStateRequest,
