@@ -1,11 +1,14 @@
 // BalloonService: AttachVm (the guest driver's handshake), SetTarget, GetStats,
-// GetBalloonedPages. Thin: the work is in BalloonVm.
+// GetBalloonedPages, and the migration's SaveState / LoadState / DetachVm. Thin:
+// the work is in BalloonVm. A refused request changes nothing: every check runs
+// before an existing attachment is touched.
 import { status as Status, type ServiceError } from "@grpc/grpc-js";
 import { PAGE_SIZE, type BalloonMode } from "@virtmesh/balloon";
 import { NAME_RE } from "@virtmesh/config";
 import { balloon, type sidecar } from "@virtmesh/proto";
 import { GrpcError, unary } from "@virtmesh/runtime";
-import { AttachError, BalloonVm, type BalloonVmEvents } from "./balloon-vm";
+import { AttachError, BalloonVm, unknownFeatureBits, type BalloonVmEvents, type RestoreFrom } from "./balloon-vm";
+import { decodeBalloonState, encodeBalloonState, StateError, type BalloonVmState } from "./state";
 
 /** How long GetStats waits for the guest to refill the stats buffer. */
 export const STATS_REFRESH_MS = 500;
@@ -17,6 +20,12 @@ export interface HandlerDeps {
   events: BalloonVmEvents;
   publishTarget(vm: BalloonVm): void;
   info(msg: string, fields?: Record<string, unknown>): void;
+  /** A refused request, logged once at warn. */
+  warn?(msg: string, fields?: Record<string, unknown>): void;
+  /** Persist a VM's state (attach, target change); see main.ts. */
+  persist?(vm: BalloonVm): void;
+  /** Drop a VM: stop serving it, forget its persisted state. */
+  detach(vm: string, why: string): Promise<void>;
 }
 
 const MODES: Record<BalloonMode, balloon.BalloonMode> = {
@@ -41,49 +50,96 @@ export function balloonService(d: HandlerDeps) {
   // One attach per VM at a time: a second AttachVm waits for the first.
   const attaching = new Map<string, Promise<unknown>>();
 
+  /**
+   * AttachVm and LoadState: the layout first, the old attachment (guest reboot, or a
+   * source resuming after a failed migration) stops taking buffers, the new one is
+   * built; if that fails the old one is served again, as before the request.
+   */
+  const attachOne = (name: string, features: number, restore: RestoreFrom | undefined): Promise<balloon.AttachVmResponse> => {
+    const prev = attaching.get(name) ?? Promise.resolve();
+    const run = prev.then(async () => {
+      let layout: sidecar.VmLayout;
+      try {
+        layout = await d.describeVm(name);
+      } catch (e) {
+        const se = e as ServiceError;
+        if (se.code === Status.NOT_FOUND) throw new GrpcError(Status.NOT_FOUND, `vm '${name}' does not exist on host ${d.host}: ${se.details}`);
+        throw new GrpcError(Status.UNAVAILABLE, `shm-sidecar@${d.host} DescribeVm(${name}) failed: ${se.details ?? se.message}`);
+      }
+      const old = d.vms.get(name);
+      const wasFrozen = old?.isFrozen ?? false;
+      await old?.quiesce();
+      let v: BalloonVm;
+      try {
+        v = new BalloonVm(layout, features, d.events, restore ? { restore } : {});
+      } catch (e) {
+        if (old && !wasFrozen) old.thaw();
+        if (e instanceof AttachError) {
+          throw new GrpcError(e.reason === "too-large" ? Status.RESOURCE_EXHAUSTED : Status.FAILED_PRECONDITION, e.message);
+        }
+        throw e;
+      }
+      if (old) {
+        d.vms.delete(name);
+        await old.stop();
+      }
+      d.vms.set(name, v);
+      d.persist?.(v);
+      d.info(restore ? "balloon attached from a saved state" : "balloon attached", { vm: name, features: v.features, mode: v.mode, guestPages: v.guestPages, queues: v.queues, ballooned: v.device.ballooned.count });
+      return {
+        vm: name,
+        deviceFeatures: v.deviceFeatures,
+        features: v.features,
+        mode: MODES[v.mode],
+        guestPages: v.guestPages,
+        configAddr: v.configAddr,
+      };
+    });
+    attaching.set(name, run.catch(() => undefined));
+    return run;
+  };
+
   return {
-    attachVm: unary(async (req: balloon.AttachVmRequest): Promise<balloon.AttachVmResponse> => {
+    attachVm: unary((req: balloon.AttachVmRequest): Promise<balloon.AttachVmResponse> => {
       const name = checkVm(req.vm);
       if (!Number.isSafeInteger(req.driverFeatures) || req.driverFeatures < 0) {
         throw new GrpcError(Status.INVALID_ARGUMENT, `driver_features ${req.driverFeatures} must be a feature bit set below 2^53`);
       }
-      const prev = attaching.get(name) ?? Promise.resolve();
-      const run = prev.then(async () => {
-        let layout: sidecar.VmLayout;
-        try {
-          layout = await d.describeVm(name);
-        } catch (e) {
-          const se = e as ServiceError;
-          if (se.code === Status.NOT_FOUND) throw new GrpcError(Status.NOT_FOUND, `vm '${name}' does not exist on host ${d.host}: ${se.details}`);
-          throw new GrpcError(Status.UNAVAILABLE, `shm-sidecar@${d.host} DescribeVm(${name}) failed: ${se.details ?? se.message}`);
-        }
-        const old = d.vms.get(name);
-        if (old) {
-          d.vms.delete(name);
-          await old.stop();
-        }
-        let v: BalloonVm;
-        try {
-          v = new BalloonVm(layout, req.driverFeatures, d.events);
-        } catch (e) {
-          if (e instanceof AttachError) {
-            throw new GrpcError(e.reason === "too-large" ? Status.RESOURCE_EXHAUSTED : Status.FAILED_PRECONDITION, e.message);
-          }
-          throw e;
-        }
-        d.vms.set(name, v);
-        d.info("balloon attached", { vm: name, features: v.features, mode: v.mode, guestPages: v.guestPages, queues: v.queues });
-        return {
-          vm: name,
-          deviceFeatures: v.deviceFeatures,
-          features: v.features,
-          mode: MODES[v.mode],
-          guestPages: v.guestPages,
-          configAddr: v.configAddr,
-        };
-      });
-      attaching.set(name, run.catch(() => undefined));
-      return run;
+      // virtio 1.2 §2.2.1: the driver MUST NOT accept a feature the device did not
+      // offer; bits no balloon device has are a broken (or hostile) caller, not a
+      // reboot, and must not replace a running VM's attachment.
+      const unknown = unknownFeatureBits(req.driverFeatures);
+      if (unknown.length > 0) {
+        throw new GrpcError(Status.INVALID_ARGUMENT, `driver_features has unknown feature bit${unknown.length > 1 ? "s" : ""} ${unknown.join(", ")} (VIRTIO_BALLOON_F_* known here: 0, 1, 2, 3, 5)`);
+      }
+      return attachOne(name, req.driverFeatures, undefined);
+    }),
+
+    saveState: unary(async (req: balloon.VmRef): Promise<balloon.BalloonState> => {
+      const v = attached(req.vm);
+      await v.quiesce();
+      const st = v.snapshot();
+      d.info("balloon state saved", { vm: v.vm, targetPages: st.targetPages, actualPages: st.actualPages, queues: st.queues.map((q) => `${q.name}@${q.lastAvailIdx}`) });
+      return { state: Buffer.from(encodeBalloonState(st)) };
+    }),
+
+    loadState: unary((req: balloon.LoadBalloonStateRequest): Promise<balloon.AttachVmResponse> => {
+      const name = checkVm(req.vm);
+      let st: BalloonVmState;
+      try {
+        st = decodeBalloonState(req.state);
+      } catch (e) {
+        if (e instanceof StateError) throw new GrpcError(Status.INVALID_ARGUMENT, `state: ${e.message}`);
+        throw e;
+      }
+      if (st.vm !== name) throw new GrpcError(Status.INVALID_ARGUMENT, `state is vm '${st.vm}'s balloon, not '${name}'s`);
+      return attachOne(name, st.features, { state: st, mode: "migrate" });
+    }),
+
+    detachVm: unary(async (req: balloon.VmRef): Promise<balloon.VmRef> => {
+      const v = attached(req.vm);
+      await d.detach(v.vm, "DetachVm");
+      return { vm: v.vm };
     }),
 
     setTarget: unary((req: balloon.SetTargetRequest): balloon.SetTargetResponse => {
@@ -99,7 +155,9 @@ export function balloonService(d: HandlerDeps) {
           `target_bytes ${req.targetBytes} (${pages} pages) exceeds vm ${v.vm}'s guest RAM of ${v.guestPages} pages (${v.guestPages * PAGE_SIZE} bytes)`,
         );
       }
+      if (v.isFrozen) throw new GrpcError(Status.FAILED_PRECONDITION, `vm ${v.vm}'s balloon is saved for a migration (SaveState); LoadState or AttachVm serves it again`);
       v.setTarget(pages);
+      d.persist?.(v);
       d.publishTarget(v);
       return { targetPages: pages };
     }),

@@ -4,8 +4,10 @@ import { serviceSubject, vmSubject } from "@virtmesh/nats";
 import { balloon, callUnary, sidecar } from "@virtmesh/proto";
 import { runService } from "@virtmesh/runtime";
 import { tracedPublish } from "@virtmesh/telemetry";
+import { statSync } from "node:fs";
 import { BalloonVm, type BalloonVmEvents } from "./balloon-vm";
 import { balloonService } from "./handlers";
+import { listStateFiles, readStateFile, removeStateFile, writeStateFile } from "./store";
 
 /** The ballooned bitmap is published at most this often per VM (the last change always goes out). */
 const PUBLISH_EVERY_MS = 50;
@@ -16,8 +18,20 @@ void runService({
   setup(ctx) {
     const host = ctx.config.host;
     ctx.meta.shmDir = ctx.config.shmDir;
+    const shmDir = ctx.config.shmDir;
     const vms = new Map<string, BalloonVm>();
     const timers = new Map<string, NodeJS.Timeout>();
+
+    // Every change is persisted before the guest hears of it (issue 16: a restarted
+    // balloon-host knows the ballooned pages and the target).
+    const persist = (v: BalloonVm) => {
+      if (vms.get(v.vm) !== v) return;
+      try {
+        writeStateFile(shmDir, v.snapshot());
+      } catch (e) {
+        ctx.logger.error({ vm: v.vm, err: (e as Error).message }, "could not persist the balloon state");
+      }
+    };
 
     // virtmesh.vm.<vm>.balloon: the ballooned-pages bitmap for the migration-manager
     // (ballooned pages are never migrated) and anyone watching the target.
@@ -62,12 +76,15 @@ void runService({
       failed(v, queue, err) {
         ctx.logger.error({ vm: v.vm, queue, err: err.message, stack: err.stack }, "balloon queue loop failed");
       },
+      changed: persist,
     };
 
-    const detach = async (vm: string, why: string) => {
+    const detach = async (vm: string, why: string, keepState = false) => {
       const v = vms.get(vm);
       if (!v) return;
       vms.delete(vm);
+      // A dropped VM's state must not come back at the next start (shutdown keeps it).
+      if (!keepState) removeStateFile(shmDir, vm);
       const t = timers.get(vm);
       if (t) clearTimeout(t);
       timers.delete(vm);
@@ -106,12 +123,16 @@ void runService({
         },
         publishTarget: (v) => publishState(v, "target"),
         info: (msg, fields) => ctx.logger.info(fields ?? {}, msg),
+        warn: (msg, fields) => ctx.logger.warn(fields ?? {}, msg),
+        persist,
+        detach,
       }),
     );
 
     // A restarted balloon-host resumes the VMs an earlier one served (their guests
-    // keep running and do not attach again). The ballooned bitmap starts empty:
-    // it was process state.
+    // keep running and do not attach again): from the state file it persisted
+    // (ballooned pages, target, features) if the VM's memory is still the one it
+    // served, else from the config page's marker with an empty bitmap.
     const describeAll = async () => {
       const c = await ctx.client(host, "shm-sidecar", sidecar.SharedMemoryServiceClient);
       return (await callUnary(c, c.listVms, {})).vms;
@@ -124,8 +145,33 @@ void runService({
         ctx.logger.warn({ err: (e as Error).message }, "could not list VMs to resume");
         return;
       }
+      const saved = new Set(listStateFiles(shmDir));
+      for (const vm of saved) {
+        if (!layouts.some((l) => l.vm === vm)) {
+          ctx.logger.info({ vm }, "dropping the balloon state of a VM that is gone");
+          removeStateFile(shmDir, vm);
+        }
+      }
       for (const layout of layouts) {
         if (vms.has(layout.vm)) continue;
+        if (saved.has(layout.vm)) {
+          try {
+            const st = readStateFile(shmDir, layout.vm);
+            if (st.memoryIno !== statSync(layout.memoryPath).ino) throw new Error("the VM's memory file is not the one the state was saved for");
+            const v = new BalloonVm(layout, st.features, events, { restore: { state: st, mode: "restart" } });
+            if (vms.has(layout.vm)) {
+              await v.stop();
+              continue;
+            }
+            vms.set(layout.vm, v);
+            persist(v);
+            ctx.logger.info({ vm: layout.vm, features: v.features, mode: v.mode, targetPages: st.targetPages, ballooned: v.device.ballooned.count }, "balloon resumed from its state file");
+            continue;
+          } catch (e) {
+            ctx.logger.warn({ vm: layout.vm, err: (e as Error).message }, "cannot resume the balloon from its state file; dropping it");
+            removeStateFile(shmDir, layout.vm);
+          }
+        }
         try {
           const features = BalloonVm.storedFeatures(layout);
           if (features === null) continue;
@@ -136,6 +182,7 @@ void runService({
             continue;
           }
           vms.set(layout.vm, v);
+          persist(v);
           ctx.logger.info({ vm: layout.vm, features: v.features, mode: v.mode }, "balloon resumed");
         } catch (e) {
           ctx.logger.warn({ vm: layout.vm, err: (e as Error).message }, "could not resume the balloon");
@@ -146,7 +193,8 @@ void runService({
     return {
       async stop() {
         destroyed.unsubscribe();
-        for (const vm of [...vms.keys()]) await detach(vm, "shutdown");
+        // The state files stay: a balloon-host started again resumes from them.
+        for (const vm of [...vms.keys()]) await detach(vm, "shutdown", true);
       },
     };
   },

@@ -26,6 +26,9 @@ export class QueueCompleter {
   interrupts = 0;
   suppressed = 0;
   errors = 0;
+  /** Inodes of the ring and memory files (one consumer per ring; set by the owner). */
+  ringIno = 0;
+  memIno = 0;
   private readonly cringMap: SharedMapping;
   private readonly cring: CompletionRing;
   private readonly bell: Doorbell;
@@ -36,8 +39,14 @@ export class QueueCompleter {
   private readonly q: DeviceQueue;
   private readonly dev: MemoryAccessor;
   private running = true;
-  private readonly loop: Promise<void>;
+  private loop: Promise<void> | null = null;
+  private closed = false;
 
+  /**
+   * Maps the ring, guest memory and the log and checks the ring header; does not
+   * consume yet (start()), so that a caller can open a replacement before it
+   * detaches the queue it replaces and give up with nothing changed.
+   */
   constructor(readonly spec: AttachSpec, private readonly onError: (msg: string) => void) {
     const maps: SharedMapping[] = [];
     try {
@@ -68,8 +77,19 @@ export class QueueCompleter {
       for (const m of maps) m.unmap();
       throw e;
     }
+  }
+
+  /** The pid the ring header names as its consumer (0: none). */
+  get ringConsumerPid(): number {
+    return this.cring.consumerPid;
+  }
+
+  /** Starts consuming the ring (once). */
+  start(): this {
+    if (this.loop || !this.running) return this;
     this.cring.consumerPid = process.pid;
     this.loop = this.run();
+    return this;
   }
 
   private async run(): Promise<void> {
@@ -129,10 +149,15 @@ export class QueueCompleter {
   }
 
   async detach(): Promise<number> {
+    if (this.closed) return this.completed;
+    this.closed = true;
+    const started = this.loop !== null;
     this.running = false;
-    this.bell.ring();
-    await this.loop;
-    if (this.cring.consumerPid === process.pid) this.cring.consumerPid = 0;
+    if (started) {
+      this.bell.ring();
+      await this.loop;
+      if (this.cring.consumerPid === process.pid) this.cring.consumerPid = 0;
+    }
     this.bell.close();
     this.call.close();
     this.cringMap.unmap();
