@@ -19,6 +19,7 @@ import { IommuContainer, type DirtyRange } from "@virtmesh/vfio";
 import { DirtyLog } from "@virtmesh/virtqueue";
 import { GUEST_PAGE_SIZE } from "./config";
 import { queueStem, type QueuePlacement } from "./layout";
+import { GuestPages, type MigrationBitmap } from "./migration";
 
 export const MEMORY_FILE = "memory";
 export const VCPU_DIRTY_LOG_FILE = "dirty-vcpu";
@@ -63,6 +64,9 @@ export class VmMemory {
   private dirtyLogging = false;
   private ram: Uint8Array | null = null;
   private destroyed = false;
+  private pagesReader: GuestPages | null = null;
+  /** The migration bitmap (StartMigrationBitmap .. StopMigrationBitmap / DestroyVm). */
+  migration: MigrationBitmap | null = null;
 
   private constructor(
     readonly name: string,
@@ -73,6 +77,8 @@ export class VmMemory {
     private readonly vcpuLogMap: SharedMapping,
     private readonly deviceLogMap: SharedMapping,
     private readonly queueFiles: QueueFiles[],
+    /** Created for an incoming migration: empty, waiting for ReceivePages. */
+    readonly incoming: boolean,
   ) {
     this.pages = memoryBytes / GUEST_PAGE_SIZE;
     this.memoryPath = memory.path;
@@ -88,7 +94,7 @@ export class VmMemory {
    * Creates `<shmDir>/<name>` and every file in it. All or nothing: on failure
    * whatever was created is removed again before the error is thrown.
    */
-  static create(shmDir: string, name: string, memoryBytes: number, placement: QueuePlacement): VmMemory {
+  static create(shmDir: string, name: string, memoryBytes: number, placement: QueuePlacement, incoming = false): VmMemory {
     const dir = join(shmDir, name);
     const undo: Array<() => void> = [];
     const rollback = () => {
@@ -140,7 +146,7 @@ export class VmMemory {
         const stem = join(dir, queueStem(q.device, q.index));
         queueFiles.push({ kick: bell(`${stem}.kick`), call: bell(`${stem}.call`) });
       }
-      return new VmMemory(name, dir, memoryBytes, placement, memory, vcpuLogMap, deviceLogMap, queueFiles);
+      return new VmMemory(name, dir, memoryBytes, placement, memory, vcpuLogMap, deviceLogMap, queueFiles, incoming);
     } catch (e) {
       rollback();
       throw e;
@@ -265,6 +271,17 @@ export class VmMemory {
     return this.memory.allocatedBytes();
   }
 
+  /** False once destroy() ran: its buffers are detached and must not be read. */
+  get alive(): boolean {
+    return !this.destroyed;
+  }
+
+  /** Guest memory read page by page without allocating (SendDirty, ChecksumMemory). */
+  guestPages(): GuestPages {
+    this.pagesReader ??= new GuestPages(this.memoryBytes, (off, len) => this.memory.view(off, len));
+    return this.pagesReader;
+  }
+
   /**
    * Writes migrated pages (ReceivePages): `data` holds one page per pfn, in
    * order; with `zero`, the pages are punched out instead (zeros, no memory).
@@ -308,6 +325,8 @@ export class VmMemory {
       }
     };
     this.ram = null;
+    this.pagesReader = null;
+    this.migration = null;
     for (const q of this.queueFiles) {
       attempt(q.kick.path, () => q.kick.close());
       attempt(q.call.path, () => q.call.close());

@@ -17,10 +17,19 @@ export class VmRegistry {
 
   create(req: sidecar.CreateVmRequest): VmMemory {
     const name = checkVmName("vm", req.vm);
-    const memoryBytes = checkMemoryBytes(req.memoryBytes, this.maxVmBytes);
+    let memoryBytes: number;
+    try {
+      memoryBytes = checkMemoryBytes(req.memoryBytes, this.maxVmBytes);
+    } catch (e) {
+      // The destination of a migration out of memory: refused at setup, nothing created.
+      if (req.incoming && e instanceof GrpcError) throw new GrpcError(e.code, `incoming vm '${name}' refused on host ${this.host}: ${e.message}`);
+      throw e;
+    }
     const placement = placeQueues(memoryBytes, req.queues);
     if (this.vms.has(name)) throw new GrpcError(Status.ALREADY_EXISTS, `vm '${name}' already exists on host ${this.host}`);
-    const vm = VmMemory.create(this.shmDir, name, memoryBytes, placement);
+    // An incoming VM gets exactly the layout a normal one with the same arguments gets
+    // (placeQueues is a function of them alone), empty memory and no dirty logging.
+    const vm = VmMemory.create(this.shmDir, name, memoryBytes, placement, req.incoming);
     this.vms.set(name, vm);
     return vm;
   }

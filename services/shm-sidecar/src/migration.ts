@@ -1,0 +1,476 @@
+// The source side of the migration page stream, after QEMU migration/ram.c:
+//  - MigrationBitmap is RAMBlock->bmap: one bit per guest page still to send,
+//    the skip bitmap (ballooned, free-hinted pages) is left out of its first fill;
+//  - mergeLog / mergeRange are migration_bitmap_sync's fold of the dirty logs;
+//  - sendDirtyPages is ram_save_iterate / ram_find_and_save_block: every set
+//    page in pfn order, zero pages as a flag (save_zero_page), the rest with
+//    their bytes, through a rate limiter (migration_rate_limit, max-bandwidth);
+//  - checksumPages is the memory comparison the stop-and-copy phase ends with.
+// Everything here is pure or does only the I/O it is handed (a PageSink, a
+// clock, a sleep), so the unit tests drive it without gRPC, files or timers.
+import { createHash } from "node:crypto";
+import { status as Status } from "@grpc/grpc-js";
+import type { sidecar } from "@virtmesh/proto";
+import { GrpcError } from "@virtmesh/runtime";
+import { GUEST_PAGE_SIZE } from "./config";
+
+export const DEFAULT_BATCH_PAGES = 256;
+/** A batch of 4096 pages is 16 MiB of data: well inside the 64 MiB gRPC message limit of the receiver. */
+export const MAX_BATCH_PAGES = 4096;
+/** Below one page per second a migration never ends; 0 means unlimited. */
+export const MIN_BANDWIDTH_BYTES_PER_S = GUEST_PAGE_SIZE;
+/** The rate limiter lets this much time's worth of bytes go at once (QEMU's BUFFER_DELAY, 100 ms). */
+export const RATE_WINDOW_MS = 100;
+
+/** Bytes of a page bitmap for `pages` pages: whole little-endian 64-bit words, as FetchDirtyLog's bitmap. */
+export function pageBitmapBytes(pages: number): number {
+  return Math.ceil(pages / 64) * 8;
+}
+
+function popcount32(v: number): number {
+  v = v - ((v >>> 1) & 0x55555555);
+  v = (v & 0x33333333) + ((v >>> 2) & 0x33333333);
+  return (((v + (v >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
+}
+
+/** Bit `b` and up of a 32-bit word. */
+const fromBit = (b: number): number => (b >= 32 ? 0 : (0xffffffff << b) >>> 0);
+
+/**
+ * Checks a caller's page bitmap (skip_bitmap, exclude_bitmap): empty, or exactly
+ * ceil(pages/64)*8 bytes with no bit past the last page. INVALID_ARGUMENT otherwise.
+ */
+export function checkPageBitmap(field: string, bitmap: Uint8Array, pages: number): void {
+  if (bitmap.length === 0) return;
+  const want = pageBitmapBytes(pages);
+  if (bitmap.length !== want) {
+    throw new GrpcError(
+      Status.INVALID_ARGUMENT,
+      `${field} has ${bitmap.length} bytes; ${pages} guest pages need exactly ${want} (one bit per page in 64-bit words) or none`,
+    );
+  }
+  for (let byte = pages >>> 3; byte < bitmap.length; byte++) {
+    const v = bitmap[byte]! & (byte === pages >>> 3 ? ~((1 << (pages & 7)) - 1) & 0xff : 0xff);
+    if (v !== 0) {
+      const bit = byte * 8 + (31 - Math.clz32(v & -v));
+      throw new GrpcError(Status.INVALID_ARGUMENT, `${field} sets bit ${bit}, past the last guest page ${pages - 1}`);
+    }
+  }
+}
+
+/** A page bitmap in 32-bit words (bit n: word n >>> 5, bit n & 31), the little-endian layout of the proto's 64-bit words. */
+function wordsOf(bitmap: Uint8Array, words: number): Uint32Array {
+  const out = new Uint32Array(words);
+  new Uint8Array(out.buffer).set(bitmap.subarray(0, words * 4));
+  return out;
+}
+
+/**
+ * RAMBlock->bmap: the pages still to send. `skip` pages (ballooned, free-page
+ * hinted) are left out of the first fill only: a skipped page the guest writes
+ * later (deflated, or allocated again) shows up in a dirty log and is sent like
+ * any other (QEMU's free page hinting clears hinted pages from the bitmap once;
+ * the dirty log still catches their reuse).
+ */
+export class MigrationBitmap {
+  readonly words: Uint32Array;
+  readonly skipped: number;
+  private readonly keep: Uint32Array;
+  private count = 0;
+  /** The round of the last SendDirty that succeeded; rounds never go back. */
+  lastRound = -1;
+  /** A SendDirty is streaming pages of this bitmap. */
+  sending = false;
+
+  /** Every page set except the skipped ones. `skip` was checked with checkPageBitmap. */
+  constructor(
+    readonly pages: number,
+    skip: Uint8Array = new Uint8Array(0),
+  ) {
+    const n = Math.ceil(pages / 32);
+    this.words = new Uint32Array(n);
+    this.keep = new Uint32Array(n);
+    const sk = skip.length ? wordsOf(skip, n) : null;
+    let skipped = 0;
+    for (let i = 0; i < n; i++) {
+      let w = 0xffffffff;
+      if (i === n - 1 && pages & 31) w = (1 << (pages & 31)) - 1;
+      const s = sk ? sk[i]! & w : 0;
+      skipped += popcount32(s);
+      w = (w & ~s) >>> 0;
+      this.keep[i] = w;
+      this.words[i] = w;
+      this.count += popcount32(w);
+    }
+    this.skipped = skipped;
+  }
+
+  /** Bits set: the pages still to send (migration's `remaining`). */
+  get dirty(): number {
+    return this.count;
+  }
+
+  isSkipped(pfn: number): boolean {
+    return pfn >= 0 && pfn < this.pages && (this.keep[pfn >>> 5]! & (1 << (pfn & 31))) === 0;
+  }
+
+  test(pfn: number): boolean {
+    return (this.words[pfn >>> 5]! & (1 << (pfn & 31))) !== 0;
+  }
+
+  /** Clears one page's bit (migration_bitmap_clear_dirty); true when it was set. */
+  clear(pfn: number): boolean {
+    const i = pfn >>> 5;
+    const m = 1 << (pfn & 31);
+    const w = this.words[i]!;
+    if ((w & m) === 0) return false;
+    this.words[i] = w & ~m;
+    this.count--;
+    return true;
+  }
+
+  /**
+   * migration_bitmap_sync for one whole-VM log (KVM_GET_DIRTY_LOG's layout, as
+   * FetchDirtyLog returns it): ors it in minus skipped pages; returns the pages
+   * newly set.
+   */
+  mergeLog(log: Uint8Array): number {
+    const words = log.byteOffset % 4 === 0 && log.length >= this.words.length * 4
+      ? new Uint32Array(log.buffer, log.byteOffset, this.words.length)
+      : wordsOf(log, this.words.length);
+    return this.orWords(words);
+  }
+
+  /** Ors in another bitmap's words (same page count); returns the pages newly set. A skipped page written since is skipped no more. */
+  orWords(words: Uint32Array): number {
+    let added = 0;
+    const last = this.words.length - 1;
+    for (let i = 0; i < this.words.length; i++) {
+      const old = this.words[i]!;
+      const valid = i === last && this.pages & 31 ? (1 << (this.pages & 31)) - 1 : 0xffffffff;
+      const add = (words[i]! & valid & ~old) >>> 0;
+      if (add === 0) continue;
+      this.keep[i] = (this.keep[i]! | add) >>> 0;
+      this.words[i] = (old | add) >>> 0;
+      added += popcount32(add);
+    }
+    this.count += added;
+    return added;
+  }
+
+  /**
+   * Ors in a bitmap whose bit n is page firstPfn + n, for npages pages (a VFIO
+   * GET_BITMAP over one DMA mapping, bits by iova, placed at the mapping's gpa).
+   * Pages past guest memory are ignored. Returns the pages newly set.
+   */
+  mergeRange(bitmap: Uint8Array, firstPfn: number, npages: number): number {
+    let added = 0;
+    const end = Math.min(npages, this.pages - firstPfn);
+    for (let byte = 0; byte * 8 < end; byte++) {
+      let v = bitmap[byte] ?? 0;
+      while (v !== 0) {
+        const b = 31 - Math.clz32(v & -v);
+        v &= v - 1;
+        const n = byte * 8 + b;
+        if (n >= end) break;
+        const pfn = firstPfn + n;
+        const i = pfn >>> 5;
+        const m = 1 << (pfn & 31);
+        if ((this.words[i]! & m) !== 0) continue;
+        this.keep[i] = (this.keep[i]! | m) >>> 0;
+        this.words[i] = this.words[i]! | m;
+        added++;
+      }
+    }
+    this.count += added;
+    return added;
+  }
+
+  /** find_next_bit: the first set page at or after `from`, or -1. */
+  nextDirty(from: number): number {
+    if (from >= this.pages) return -1;
+    let i = from >>> 5;
+    let w = (this.words[i]! & fromBit(from & 31)) >>> 0;
+    for (;;) {
+      if (w !== 0) return i * 32 + (31 - Math.clz32(w & -w));
+      if (++i >= this.words.length) return -1;
+      w = this.words[i]!;
+    }
+  }
+}
+
+/** A set of pages in 32-bit words: the pages a SendDirty has taken out of the bitmap. */
+export class PageSet {
+  readonly words: Uint32Array;
+  size = 0;
+  constructor(readonly pages: number) {
+    this.words = new Uint32Array(Math.ceil(pages / 32));
+  }
+  add(pfn: number): void {
+    const i = pfn >>> 5;
+    const m = 1 << (pfn & 31);
+    if ((this.words[i]! & m) !== 0) return;
+    this.words[i] = this.words[i]! | m;
+    this.size++;
+  }
+}
+
+/**
+ * A token bucket for max-bandwidth (QEMU's migration rate limit): `take`
+ * charges the bytes about to go and says how long to wait before sending them.
+ * The bucket may go into debt, so a batch larger than the burst still goes and
+ * the average rate holds. Pure: the caller passes the time.
+ */
+export class TokenBucket {
+  private tokens: number;
+  private last: number;
+  readonly burstBytes: number;
+
+  constructor(
+    readonly rateBytesPerS: number,
+    nowMs: number,
+    burstBytes = Math.max(1, Math.floor((rateBytesPerS * RATE_WINDOW_MS) / 1000)),
+  ) {
+    if (!(rateBytesPerS > 0) || !Number.isFinite(rateBytesPerS)) throw new RangeError(`TokenBucket: rate ${rateBytesPerS} must be positive`);
+    if (!(burstBytes > 0)) throw new RangeError(`TokenBucket: burst ${burstBytes} must be positive`);
+    this.burstBytes = burstBytes;
+    this.tokens = burstBytes;
+    this.last = nowMs;
+  }
+
+  /** Charges `bytes` at `nowMs`; returns the milliseconds to wait before they may go (0: at once). */
+  take(bytes: number, nowMs: number): number {
+    if (nowMs > this.last) {
+      this.tokens = Math.min(this.burstBytes, this.tokens + ((nowMs - this.last) * this.rateBytesPerS) / 1000);
+      this.last = nowMs;
+    }
+    this.tokens -= bytes;
+    return this.tokens >= 0 ? 0 : (-this.tokens * 1000) / this.rateBytesPerS;
+  }
+}
+
+/**
+ * Guest memory as Buffers over windows of the mapping (one window when it fits
+ * one ArrayBuffer), so reading a page allocates nothing: Buffer.compare and
+ * Buffer.copy take offsets.
+ */
+export class GuestPages {
+  private window: Buffer | null = null;
+  private windowBase = 0;
+  readonly pages: number;
+  readonly windowBytes: number;
+
+  constructor(
+    readonly memoryBytes: number,
+    private readonly view: (offset: number, length: number) => ArrayBuffer,
+    windowBytes = 1 << 30,
+  ) {
+    this.pages = memoryBytes / GUEST_PAGE_SIZE;
+    this.windowBytes = Math.min(memoryBytes, Math.max(GUEST_PAGE_SIZE, windowBytes - (windowBytes % GUEST_PAGE_SIZE)));
+  }
+
+  /** The window holding page `pfn` and the page's offset in it. */
+  private at(pfn: number): number {
+    const off = pfn * GUEST_PAGE_SIZE;
+    if (this.window === null || off < this.windowBase || off >= this.windowBase + this.window.length) {
+      const base = off - (off % this.windowBytes);
+      const len = Math.min(this.windowBytes, this.memoryBytes - base);
+      this.window = Buffer.from(this.view(base, len));
+      this.windowBase = base;
+    }
+    return off - this.windowBase;
+  }
+
+  isZero(pfn: number): boolean {
+    const o = this.at(pfn);
+    return this.window!.compare(ZERO_PAGE, 0, GUEST_PAGE_SIZE, o, o + GUEST_PAGE_SIZE) === 0;
+  }
+
+  /** Copies page `pfn` into dst at `dstOffset`. */
+  copyPage(pfn: number, dst: Buffer, dstOffset: number): void {
+    const o = this.at(pfn);
+    this.window!.copy(dst, dstOffset, o, o + GUEST_PAGE_SIZE);
+  }
+}
+
+const ZERO_PAGE = Buffer.alloc(GUEST_PAGE_SIZE);
+
+/** Where SendDirty's batches go: the ReceivePages client stream of the destination sidecar (or a fake in tests). */
+export interface PageSink {
+  /** Queues one batch; false when the stream wants the writer to wait for drain (write() backpressure). */
+  write(batch: sidecar.PageBatch): boolean;
+  /** Resolves on 'drain', or when the call has failed (then failure() is set). */
+  waitDrain(): Promise<void>;
+  /** The call's failure, once it failed. */
+  failure(): Error | null;
+  /** Half-closes and waits for the receiver's answer; rejects when the call failed. */
+  finish(): Promise<sidecar.ReceivePagesResponse>;
+  /** Cancels the call (the sender gave up). */
+  cancel(): void;
+}
+
+export interface SendOptions {
+  vm: string;
+  round: number;
+  batchPages: number;
+  /** null: unlimited. */
+  bucket: TokenBucket | null;
+  now(): number;
+  sleep(ms: number): Promise<void>;
+  /** Checked before each batch: a reason to stop (the bitmap was stopped, the VM destroyed, the caller cancelled) or null. */
+  abortReason(): string | null;
+}
+
+export interface SendResult {
+  pages: number;
+  zeroPages: number;
+  bytes: number;
+  elapsedMs: number;
+  batches: number;
+}
+
+/** Why a send stopped: the stream failed (`stream`) or the sender gave up (`aborted`); the taken pages are back in the bitmap. */
+export class SendFailed extends Error {
+  constructor(
+    readonly kind: "stream" | "aborted",
+    message: string,
+    readonly pagesTaken: number,
+  ) {
+    super(message);
+  }
+}
+
+/**
+ * ram_save_iterate over the whole bitmap: every set page in pfn order, in
+ * batches of `batchPages` (zero pages in their own batches: pfns only, zero
+ * set). A page's bit is cleared when its bytes are read into a batch (QEMU's
+ * migration_bitmap_clear_dirty before ram_save_page), so a page dirtied again
+ * while its batch is on the wire is set again by the next sync and resent.
+ * The receiver confirms nothing before its final answer, so when the stream
+ * fails every page taken by this call is set again: a retry resends them.
+ */
+export async function sendDirtyPages(bitmap: MigrationBitmap, mem: GuestPages, sink: PageSink, o: SendOptions): Promise<SendResult> {
+  const taken = new PageSet(bitmap.pages);
+  const res: SendResult = { pages: 0, zeroPages: 0, bytes: 0, elapsedMs: 0, batches: 0 };
+  const start = o.now();
+  const batchBytes = o.batchPages * GUEST_PAGE_SIZE;
+  let data = Buffer.allocUnsafe(batchBytes);
+  let dataPfns: number[] = [];
+  let zeroPfns: number[] = [];
+
+  const giveBack = (): void => {
+    bitmap.orWords(taken.words);
+  };
+  const flush = async (zero: boolean): Promise<void> => {
+    const pfns = zero ? zeroPfns : dataPfns;
+    if (pfns.length === 0) return;
+    const payload = zero ? EMPTY : data.subarray(0, pfns.length * GUEST_PAGE_SIZE);
+    if (zero) zeroPfns = [];
+    else {
+      dataPfns = [];
+      // The stream keeps the batch until it is serialized: the next one gets its own buffer.
+      data = Buffer.allocUnsafe(batchBytes);
+    }
+    if (o.bucket) {
+      // pfns are 8-byte varints at most on the wire; the data is the rest.
+      const wait = o.bucket.take(payload.length + pfns.length * 8, o.now());
+      if (wait > 0) await o.sleep(wait);
+    }
+    const failed = sink.failure();
+    if (failed) throw new SendFailed("stream", failed.message, taken.size);
+    const reason = o.abortReason();
+    if (reason !== null) throw new SendFailed("aborted", reason, taken.size);
+    res.batches++;
+    if (!sink.write({ vm: o.vm, round: o.round, pfns, data: payload, zero })) {
+      await sink.waitDrain();
+      const f = sink.failure();
+      if (f) throw new SendFailed("stream", f.message, taken.size);
+    }
+    res.bytes += payload.length;
+  };
+
+  try {
+    for (let pfn = bitmap.nextDirty(0); pfn >= 0; pfn = bitmap.nextDirty(pfn + 1)) {
+      // Reading guest memory after DestroyVm would touch a detached buffer: check first.
+      const reason = o.abortReason();
+      if (reason !== null) throw new SendFailed("aborted", reason, taken.size);
+      bitmap.clear(pfn);
+      taken.add(pfn);
+      res.pages++;
+      if (mem.isZero(pfn)) {
+        res.zeroPages++;
+        zeroPfns.push(pfn);
+        if (zeroPfns.length === o.batchPages) await flush(true);
+      } else {
+        mem.copyPage(pfn, data, dataPfns.length * GUEST_PAGE_SIZE);
+        dataPfns.push(pfn);
+        if (dataPfns.length === o.batchPages) await flush(false);
+      }
+    }
+    await flush(false);
+    await flush(true);
+    try {
+      await sink.finish();
+    } catch (e) {
+      throw new SendFailed("stream", (e as Error).message, taken.size);
+    }
+  } catch (e) {
+    giveBack();
+    sink.cancel();
+    throw e;
+  }
+  res.elapsedMs = o.now() - start;
+  return res;
+}
+
+const EMPTY = Buffer.alloc(0);
+
+/** Records per hash update: 64 pages plus their pfns, one scratch buffer per call. */
+const CHECKSUM_CHUNK_PAGES = 64;
+const RECORD_BYTES = 8 + GUEST_PAGE_SIZE;
+
+export interface MemoryChecksum {
+  sha256: string;
+  pages: number;
+  zeroPages: number;
+}
+
+/**
+ * sha256 over (pfn as 8 bytes little-endian, the page's bytes) of every page
+ * not in `exclude`, in pfn order; zero pages hash as their zeros. Yields to the
+ * event loop every `yieldEvery` pages (the sidecar keeps answering) and checks
+ * `alive` after each yield.
+ */
+export async function checksumPages(
+  mem: GuestPages,
+  exclude: Uint8Array,
+  opts: { yieldEvery?: number; pause?: () => Promise<void>; alive?: () => string | null } = {},
+): Promise<MemoryChecksum> {
+  const yieldEvery = opts.yieldEvery ?? 4096;
+  const pause = opts.pause ?? (() => new Promise<void>((r) => setImmediate(r)));
+  const hash = createHash("sha256");
+  const scratch = Buffer.allocUnsafe(CHECKSUM_CHUNK_PAGES * RECORD_BYTES);
+  let used = 0;
+  let pages = 0;
+  let zeroPages = 0;
+  for (let pfn = 0; pfn < mem.pages; pfn++) {
+    if (pfn > 0 && pfn % yieldEvery === 0) {
+      await pause();
+      const why = opts.alive?.() ?? null;
+      if (why !== null) throw new GrpcError(Status.ABORTED, why);
+    }
+    if (exclude.length && ((exclude[pfn >>> 3]! >>> (pfn & 7)) & 1) === 1) continue;
+    scratch.writeUInt32LE(pfn >>> 0, used);
+    scratch.writeUInt32LE(Math.floor(pfn / 0x1_0000_0000), used + 4);
+    mem.copyPage(pfn, scratch, used + 8);
+    if (mem.isZero(pfn)) zeroPages++;
+    pages++;
+    used += RECORD_BYTES;
+    if (used === scratch.length) {
+      hash.update(scratch);
+      used = 0;
+    }
+  }
+  if (used > 0) hash.update(scratch.subarray(0, used));
+  return { sha256: hash.digest("hex"), pages, zeroPages };
+}
