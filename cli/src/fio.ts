@@ -5,11 +5,12 @@
 //   --verify crc32c   --rwmixread P (randrw, default 50)   --json (boolean)   --vm NAME   --state-dir DIR
 //   --lock ticket|queue   --pv on|off   (the guest's virtqueue spinlock for this run; default: the guest's)
 // Exit status: 0 when every I/O succeeded and verified, 1 otherwise.
-import { credentials, Metadata } from "@grpc/grpc-js";
+import { Metadata } from "@grpc/grpc-js";
 import { resolve } from "node:path";
 import { guest } from "@virtmesh/proto";
 import { defaultStateDir, pidAlive, readState } from "./state";
 import { CliError, UsageError } from "./errors";
+import { openGuest } from "./guest";
 import type { Values } from "./main";
 
 export type FioValues = Pick<Values, "rw" | "bs" | "iodepth" | "numjobs" | "size" | "runtime" | "verify" | "rwmixread" | "json" | "vm" | "state-dir" | "lock" | "pv">;
@@ -98,9 +99,10 @@ export async function fio(values: FioValues, _positionals: string[]): Promise<nu
   const s = readState(dir);
   if (!s || !pidAlive(s.supervisorPid)) throw new CliError(`no virtmesh stack is running (state dir ${dir}); run 'virtmesh up' first`);
   const vm = values.vm ?? "vm1";
-  const svc = s.services.find((x) => x.instance === `guest-driver-${vm}`);
-  if (!svc || !svc.grpc) throw new CliError(`vm ${vm} is not running in the stack at ${dir}`);
-  const client = new guest.GuestServiceClient(svc.grpc, credentials.createInsecure());
+  // The guest-driver that runs the VM now (each other host has an incoming one).
+  const g = await openGuest(vm, dir);
+  const client = g.client;
+  const svc = { host: g.host };
   const timeout = (req.runtimeMs || 0) + 15 * 60_000;
   try {
     const res = await new Promise<guest.FioResult>((ok, fail) =>

@@ -23,6 +23,18 @@ Drive a running stack:
                        (seed 002; default: the guest's configured lock)
   balloon set <vm> <size> | stats <vm> [--json]
                        virtio-balloon target and statistics (seed 003)
+  stress <vm> --working-set SIZE [--dirty-rate SIZE] [--vcpus N] | stress <vm> stop|status|verify
+                       the guest's memory-dirtying workload on its vCPU threads (QEMU
+                       migration-test's pattern); verify checks the pattern page by page
+  migrate <vm> --to HOST [--bandwidth 1G] [--downtime-limit MS] [--auto-converge]
+          [--dirty-reporting precopy|stop-only] [--skip-ballooned] [--free-page-hinting]
+          [--max-time MS] [--json]
+                       live migration (QEMU's pre-copy): dirty logging at every source,
+                       rounds until the rest fits in the downtime limit (default 300 ms),
+                       then stop-and-copy with the device state; progress bar and report
+  migrate status [ID] [--json] | migrate cancel ID
+                       a migration's record (all of them without ID); cancel one in
+                       progress (the source guest keeps running)
   ioband devices|settings|cgroup|attach ... [--host H] [--cgroup /]
                        blkio-cgroup / dm-ioband control (seed 001); 'virtmesh ioband help'
   lockbench [--lock queue|ticket] [--pv on|off] [--vcpus N] [--iterations N]
@@ -73,6 +85,8 @@ export interface Values {
   runtime?: string;
   verify?: string;
   rwmixread?: string;
+  "working-set"?: string;
+  "dirty-rate"?: string;
 }
 
 import { UsageError } from "./errors";
@@ -104,6 +118,8 @@ export const OPTIONS = {
   runtime: { type: "string" },
   verify: { type: "string" },
   rwmixread: { type: "string" },
+  "working-set": { type: "string" },
+  "dirty-rate": { type: "string" },
 } as const;
 
 async function main(argv: string[]): Promise<number> {
@@ -113,6 +129,8 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(USAGE.replace("BENCHES", BENCH_NAMES.join(", ")));
     return 0;
   }
+  // migrate parses its own flags (cli/src/migrate.ts).
+  if (cmd === "migrate") return (require("./migrate") as typeof import("./migrate")).migrate(rest);
   // `--json FILE` for bench; a plain `--json` flag for status.
   const options = cmd === "bench" ? OPTIONS : { ...OPTIONS, json: { type: "boolean" } as const };
   let parsed: { values: Values; positionals: string[] };
@@ -143,6 +161,8 @@ async function main(argv: string[]): Promise<number> {
       return (require("./balloon") as typeof import("./balloon")).balloon(parsed.values, parsed.positionals);
     case "ioband":
       return (require("./ioband") as typeof import("./ioband")).ioband(parsed.values, parsed.positionals);
+    case "stress":
+      return (require("./stress") as typeof import("./stress")).stress(parsed.values, parsed.positionals);
     case "lockbench":
       return (require("./lockbench") as typeof import("./lockbench")).lockbench(parsed.values, parsed.positionals);
     case "bench":
