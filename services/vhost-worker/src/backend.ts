@@ -4,8 +4,11 @@
 // benchmarks. Every method takes a per-head callback allocated once at setup.
 import { closeSync, fstatSync, fsync, openSync, read, realpathSync, write, writeSync, constants as fsConstants } from "node:fs";
 import { createHash } from "node:crypto";
+import { tmpdir, userInfo } from "node:os";
+import { dirname, isAbsolute, join, resolve, sep } from "node:path";
 import { ConfigError } from "@virtmesh/config";
 import { VIRTIO_BLK_ID_BYTES } from "@virtmesh/virtio-blk";
+import { VhostError } from "./errors";
 
 export type IoCallback = (err: NodeJS.ErrnoException | null, bytes: number) => void;
 
@@ -32,7 +35,6 @@ function serialBytes(s: string): Uint8Array {
 
 const ZEROES = new Uint8Array(1 << 20);
 
-/** A raw image file, opened O_RDWR; FLUSH is fsync (the seed's vfs_fsync). */
 /** VIRTMESH_BLK_CACHE: how file images are opened (QEMU's cache= modes). */
 export type BlkCacheMode = "writeback" | "writethrough";
 export const BLK_CACHE_ENV = "VIRTMESH_BLK_CACHE";
@@ -44,10 +46,11 @@ export function blkCacheMode(env: NodeJS.ProcessEnv = process.env): BlkCacheMode
   return v;
 }
 
+/** A raw image file, opened O_RDWR; FLUSH is fsync (the seed's vfs_fsync). */
 export class FileBackend implements BlkBackend {
   readonly kind = "file";
   readonly capacityBytes: number;
-  readonly serial: Uint8Array;
+  serial: Uint8Array;
   private fd: number;
 
   constructor(
@@ -97,7 +100,7 @@ export class FileBackend implements BlkBackend {
 /** Completes without I/O (reads return whatever the guest buffer held). */
 export class NullBackend implements BlkBackend {
   readonly kind = "null";
-  readonly serial: Uint8Array;
+  serial: Uint8Array;
   constructor(readonly capacityBytes: number, name: string) {
     this.serial = serialBytes(`VMNULL-${name}`);
   }
@@ -117,7 +120,7 @@ export class NullBackend implements BlkBackend {
 /** An in-memory disk (copies, but no syscall). */
 export class MemoryBackend implements BlkBackend {
   readonly kind = "memory";
-  readonly serial: Uint8Array;
+  serial: Uint8Array;
   private readonly disk: Uint8Array;
   constructor(readonly capacityBytes: number, name: string) {
     this.disk = new Uint8Array(capacityBytes);
@@ -138,4 +141,103 @@ export class MemoryBackend implements BlkBackend {
     this.disk.fill(0, pos, pos + len);
   }
   close(): void {}
+}
+
+export const IMAGE_DIRS_ENV = "VIRTMESH_IMAGE_DIRS";
+
+/**
+ * VIRTMESH_IMAGE_DIRS (":"-separated absolute directories): where BLK_SET_BACKEND may
+ * open FILE images (issue 16). Default: the state directory's disks/ (what the launcher
+ * and guest-driver use: $VIRTMESH_STATE_DIR/disks, or $TMPDIR/virtmesh-<uid>/disks) and,
+ * when VIRTMESH_DISK is set in the worker's environment, its directory.
+ */
+export function imageDirs(env: NodeJS.ProcessEnv = process.env): string[] {
+  const v = env[IMAGE_DIRS_ENV];
+  if (v !== undefined && v !== "") {
+    const dirs = v.split(":").filter((d) => d !== "");
+    for (const d of dirs) if (!isAbsolute(d)) throw new ConfigError(`${IMAGE_DIRS_ENV}: ${d} must be an absolute path`);
+    return dirs;
+  }
+  const stateDir = env.VIRTMESH_STATE_DIR || join(tmpdir(), `virtmesh-${userInfo().uid}`);
+  const dirs = [join(stateDir, "disks")];
+  if (env.VIRTMESH_DISK && isAbsolute(env.VIRTMESH_DISK)) dirs.push(dirname(env.VIRTMESH_DISK));
+  return dirs;
+}
+
+/** What BLK_SET_BACKEND names: the kind, the image (FILE) or the size (NULL / MEMORY). */
+export interface BackendSpec {
+  kind: BlkBackend["kind"];
+  path: string;
+  capacityBytes: number;
+}
+
+/** Largest in-memory backend (it lives in this process). */
+export const MAX_MEMORY_BACKEND_BYTES = 4 * 2 ** 30;
+/** Largest null backend (sector * 512 stays exact). */
+export const MAX_NULL_BACKEND_BYTES = 2 ** 50;
+
+export interface OpenBackendOptions {
+  /** Directories FILE images must lie under (issue 16); empty or absent: any absolute path. */
+  imageDirs?: readonly string[];
+  /** The GET_ID serial the guest already saw (a migrated or restored device keeps it). */
+  serial?: Uint8Array;
+  /** FILE: the capacity the guest already saw; a different image size is refused. */
+  expectCapacity?: number;
+}
+
+/** True when `path` (resolved) lies strictly under `dir` (resolved): no `..` or `/..` tricks. */
+export function isUnder(dir: string, path: string): boolean {
+  const d = resolve(dir);
+  const p = resolve(path);
+  return p.startsWith(d.endsWith(sep) ? d : d + sep);
+}
+
+/**
+ * The one backend factory (BLK_SET_BACKEND, LoadDeviceState and a restarted worker's
+ * restore): checks what the caller named exactly as vhost_blk_set_backend checks its fd
+ * (-EINVAL on a bad one) and opens it. `name` goes into the NULL / MEMORY serials.
+ */
+export function openBackend(spec: BackendSpec, name: string, opts: OpenBackendOptions = {}): BlkBackend {
+  const cap = spec.capacityBytes;
+  const checkCap = (max: number): void => {
+    if (!(Number.isSafeInteger(cap) && cap > 0 && cap % 512 === 0 && cap <= max)) throw new VhostError("EINVAL", `capacity_bytes ${cap} must be a positive multiple of 512 up to ${max}`);
+  };
+  let be: BlkBackend;
+  switch (spec.kind) {
+    case "file": {
+      if (!isAbsolute(spec.path) || spec.path.includes("\0")) throw new VhostError("EINVAL", `backend path ${JSON.stringify(spec.path.slice(0, 200))} must be absolute`);
+      const dirs = opts.imageDirs ?? [];
+      if (dirs.length > 0 && !dirs.some((d) => isUnder(d, spec.path))) {
+        throw new VhostError("EINVAL", `backend path ${JSON.stringify(spec.path.slice(0, 200))} is not under an image directory (${dirs.join(", ")}; VIRTMESH_IMAGE_DIRS)`);
+      }
+      be = new FileBackend(spec.path);
+      if (dirs.length > 0 && !dirs.some((d) => isUnder(realpathSync(d), realpathSync(spec.path)))) {
+        be.close();
+        throw new VhostError("EINVAL", `backend path ${JSON.stringify(spec.path.slice(0, 200))} resolves outside the image directories`);
+      }
+      if (opts.expectCapacity !== undefined && be.capacityBytes !== opts.expectCapacity) {
+        be.close();
+        throw new VhostError("EINVAL", `image ${spec.path} has ${be.capacityBytes} bytes, the device had ${opts.expectCapacity}`);
+      }
+      break;
+    }
+    case "null":
+      checkCap(MAX_NULL_BACKEND_BYTES);
+      be = new NullBackend(cap, name);
+      break;
+    case "memory":
+      checkCap(MAX_MEMORY_BACKEND_BYTES);
+      be = new MemoryBackend(cap, name);
+      break;
+    default:
+      throw new VhostError("EINVAL", `backend kind ${String(spec.kind)} is not FILE, NULL or MEMORY`);
+  }
+  if (opts.serial !== undefined) {
+    if (opts.serial.length !== VIRTIO_BLK_ID_BYTES) {
+      be.close();
+      throw new VhostError("EINVAL", `serial of ${opts.serial.length} bytes, need ${VIRTIO_BLK_ID_BYTES}`);
+    }
+    (be as FileBackend | NullBackend | MemoryBackend).serial = opts.serial.slice();
+  }
+  return be;
 }

@@ -5,20 +5,20 @@
 // restarted device re-submits only what never reached the ring.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync, ftruncateSync, openSync, closeSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, ftruncateSync, openSync, closeSync } from "node:fs";
 import { join } from "node:path";
 import { Doorbell, mapFile } from "@virtmesh/shm";
 import { DriverQueue, GuestMemory, splitQueueLayout, VIRTIO_F_VERSION_1 } from "@virtmesh/virtqueue";
 import {
   CompletionRing,
   completionRingBytes,
-  VHOST_BLK_FEATURES,
   VIRTIO_BLK_S_OK,
   VIRTIO_BLK_T_OUT,
   bit,
   writeBlkHeader,
 } from "@virtmesh/virtio-blk";
-import { VhostBlkDevice, type PersistedDevice } from "./device";
+import { DeviceTable } from "./table";
+import { writeStateFile, type PersistedDevice } from "./persist";
 
 const dir = mkdtempSync("/dev/shm/virtmesh-test-vhost-");
 after(() => rmSync(dir, { recursive: true, force: true }));
@@ -66,24 +66,36 @@ test(`a restarted worker re-submits exactly the heads whose completion never rea
     device: "blk0",
     memoryPath: memPath,
     memoryBytes: MEM,
-    features: bit(VIRTIO_F_VERSION_1).toString(16),
-    num: N,
-    descAddr: q.descAddr,
-    availAddr: q.availAddr,
-    usedAddr: q.usedAddr,
     kickPath: kick.path,
     callPath: call.path,
     logPath: "",
-    backend: { kind: "file", path: img, capacityBytes: 1 << 20 },
-    mode: "parallel",
+    setup: {
+      features: bit(VIRTIO_F_VERSION_1),
+      num: N,
+      descAddr: q.descAddr,
+      availAddr: q.availAddr,
+      usedAddr: q.usedAddr,
+      addrFlags: 0,
+      logGuestAddr: 0,
+      base: 0,
+      backend: { kind: "file", path: img, capacityBytes: 1 << 20 },
+      mode: "parallel",
+      cgroup: "",
+      serial: new Uint8Array(20).fill(0x41),
+    },
   };
-  writeFileSync(join(sub, "vhost-blk.vm9.blk0.dev.json"), JSON.stringify(st));
+  writeStateFile(join(sub, "vhost-blk.vm9.blk0.dev.json"), st);
 
   const errors: string[] = [];
-  const { dev, resubmitted } = VhostBlkDevice.restore(st, sub, VHOST_BLK_FEATURES, (m) => errors.push(m));
+  const table = new DeviceTable({ shmDir: sub, describeVm: () => Promise.reject(new Error("not used")), warn: (m) => errors.push(m) });
+  const logged: Record<string, unknown>[] = [];
+  assert.equal(table.restoreAll((_m, f) => logged.push(f)), 1);
+  const dev = table.devices.get("vm9/blk0");
+  assert.ok(dev, "the device is served again");
+  const resubmitted = logged[0]!.resubmitted;
   try {
     assert.equal(resubmitted, 3);
-    assert.equal(dev.recovered.pushedNotMarked, 1, "head 3 was in the ring: moved to PUSHED, not re-submitted");
+    assert.equal(dev.recovered?.pushedNotMarked, 1, "head 3 was in the ring: moved to PUSHED, not re-submitted");
     // Consume as the completion-thread would: every head exactly once.
     const deadline = Date.now() + 5000;
     while (ring.pending < 4 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));

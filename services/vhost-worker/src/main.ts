@@ -2,7 +2,7 @@
 import { status as Status } from "@grpc/grpc-js";
 import { callUnary, vhost, sidecar } from "@virtmesh/proto";
 import { GrpcError, runService } from "@virtmesh/runtime";
-import { blkCacheMode } from "./backend";
+import { blkCacheMode, imageDirs } from "./backend";
 import { DeviceTable, vhostBlkService } from "./handlers";
 import { registerIoband } from "./ioband";
 import { iobandBinder } from "./iobandpath";
@@ -26,6 +26,7 @@ void runService({
       },
       warn: (msg) => ctx.logger.warn(msg),
       ioband: iobandBinder(iobandHost),
+      imageDirs: imageDirs(),
     });
     table.restoreAll((msg, fields) => ctx.logger.info(fields, msg));
     ctx.addService("virtmesh.vhost.v1.VhostBlkService", vhost.VhostBlkServiceService, vhostBlkService(table));
