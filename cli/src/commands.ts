@@ -37,9 +37,9 @@ export function stackOptions(v: Values, log: (line: string) => void, stackId?: s
       stackId: stackId ?? randomBytes(3).toString("hex"),
       env: {},
       log,
-      // vhost-worker and completion-thread keep their in-flight state in shared memory
-      // (issue 4), so the launcher restarts them when they die and they resume the rings.
-      restart: (svc) => svc.name === "vhost-worker" || svc.name === "completion-thread",
+      // Every service is supervised (restart with backoff and a limit, cli/src/stack.ts):
+      // vhost-worker and completion-thread resume their rings from shared memory, balloon-host
+      // its ballooned pages, a guest-driver boots its VM afresh or waits for one again.
     };
   } catch (e) {
     if (e instanceof ConfigError) throw new CliError(e.message);

@@ -1,7 +1,11 @@
 // The stack: NATS (unless NATS_URL is given), then per host an shm-sidecar, vhost-worker,
 // completion-thread and balloon-host, the cluster's migration-manager, and one
-// guest-driver per VM. `virtmesh demo` runs a Stack in the foreground; `virtmesh up`
-// runs it inside a detached supervisor process (`virtmesh __supervise`).
+// guest-driver per VM, plus (with 2+ hosts) an incoming guest-driver for each VM on every
+// other host: the destination side of a live migration (VIRTMESH_INCOMING=1, no VM of its
+// own until a migration loads one; docs: the migration design's "The flow").
+// `virtmesh demo` runs a Stack in the foreground; `virtmesh up` runs it inside a detached
+// supervisor process (`virtmesh __supervise`). The Stack supervises what it started: a
+// service that dies is restarted with exponential backoff, up to a limit (issue 16).
 import { spawn, type ChildProcess } from "node:child_process";
 import { appendFileSync, mkdirSync, openSync, closeSync, rmSync, existsSync } from "node:fs";
 import { join } from "node:path";
@@ -24,8 +28,39 @@ export interface StackOptions {
   /** Extra environment for every service (OTEL_*, VIRTMESH_* tuning). */
   env: Record<string, string>;
   log: (line: string) => void;
-  /** Restart a service that dies unexpectedly (none by default). */
+  /**
+   * Which services are restarted when they die unexpectedly: every one by default.
+   * Return false to leave a service dead (its death is still logged).
+   */
   restart?: (svc: ServiceRecord) => boolean;
+  /** Backoff and restart limit; false turns supervision off. */
+  supervision?: Partial<SupervisionPolicy> | false;
+  /**
+   * Start, for each VM, an incoming guest-driver (VIRTMESH_INCOMING=1) on every other host,
+   * so a migration has a destination. Default: on when there are 2 or more hosts.
+   */
+  incoming?: boolean;
+}
+
+export interface SupervisionPolicy {
+  /** Delay before the first restart; doubles with each restart in the window. */
+  initialBackoffMs: number;
+  maxBackoffMs: number;
+  /** More than this many restarts within `windowMs` and the launcher gives up on the service. */
+  maxRestarts: number;
+  windowMs: number;
+}
+
+export const DEFAULT_SUPERVISION: SupervisionPolicy = { initialBackoffMs: 250, maxBackoffMs: 8000, maxRestarts: 5, windowMs: 60_000 };
+
+/**
+ * The delay before the next restart, or undefined when the limit is reached.
+ * `recent`: times (ms) of the restarts already made; `now`: the time of this death.
+ */
+export function restartDelay(p: SupervisionPolicy, recent: readonly number[], now: number): number | undefined {
+  const inWindow = recent.filter((t) => now - t < p.windowMs).length;
+  if (inWindow >= p.maxRestarts) return undefined;
+  return Math.min(p.maxBackoffMs, p.initialBackoffMs * 2 ** inWindow);
 }
 
 export interface ServiceRecord {
@@ -35,9 +70,15 @@ export interface ServiceRecord {
   pid: number;
   grpc: string;
   log: string;
-  state: "starting" | "running" | "exited" | "stopped";
+  /** "failed": it kept dying and the launcher gave up restarting it. */
+  state: "starting" | "running" | "exited" | "stopped" | "failed";
   exit?: string;
   restarts: number;
+  /** guest-driver only: the VM it drives, and whether it runs it or waits for a migration. */
+  vm?: string;
+  role?: "vm" | "incoming";
+  /** When the launcher will restart it (ISO time); set only while a restart is pending. */
+  restartAt?: string;
 }
 
 export interface StackSnapshot {
@@ -60,14 +101,21 @@ interface Managed {
   child?: ChildProcess;
   lastStderr: string;
   exited?: Promise<void>;
+  /** Times of this service's restarts (the backoff and the limit look at the last window). */
+  restartTimes: number[];
+  /** Became healthy once: from then on the launcher restarts it when it dies. */
+  supervised: boolean;
+  restartTimer?: NodeJS.Timeout;
 }
 
-interface Spec {
+export interface Spec {
   name: string;
   instance: string;
   host: string;
   env: Record<string, string>;
   port: number;
+  vm?: string;
+  role?: "vm" | "incoming";
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -83,9 +131,18 @@ export class Stack {
   private registry: Registry | undefined;
   private readonly managed: Managed[] = [];
   private stopping = false;
+  private stopped: Promise<void> | undefined;
+  private readonly policy: SupervisionPolicy | undefined;
   onChange: () => void = () => undefined;
 
-  constructor(readonly o: StackOptions) {}
+  constructor(readonly o: StackOptions) {
+    this.policy = o.supervision === false ? undefined : { ...DEFAULT_SUPERVISION, ...(o.supervision ?? {}) };
+  }
+
+  /** Whether incoming guest-drivers are started (the `incoming` option, default 2+ hosts). */
+  get incoming(): boolean {
+    return this.o.incoming ?? this.o.hosts.length >= 2;
+  }
 
   snapshot(): StackSnapshot {
     return {
@@ -99,6 +156,11 @@ export class Stack {
     };
   }
 
+  /** What the stack starts: every service's name, instance, host and extra environment. */
+  plan(): readonly Readonly<Spec>[] {
+    return this.specs();
+  }
+
   private specs(): Spec[] {
     let port = this.o.basePort;
     const next = () => (this.o.basePort === 0 ? 0 : port++);
@@ -110,7 +172,20 @@ export class Stack {
     }
     out.push({ name: "migration-manager", instance: "migration-manager", host: "cluster", port: next(), env: {} });
     for (const { vm, host } of this.o.vms) {
-      out.push({ name: "guest-driver", instance: `guest-driver-${vm}`, host, port: next(), env: { VIRTMESH_VM: vm, VIRTMESH_SHM_DIR: shmDirFor(this.o, host) } });
+      // Both sides of a migration open the same image: shared storage, as QEMU's
+      // migration expects (the disk is not copied). Resolved as the guest-driver would.
+      const disk = this.o.env.VIRTMESH_DISK ?? process.env.VIRTMESH_DISK ?? join(this.o.stateDir, "disks", `${vm}.img`);
+      const gd = (h: string, role: "vm" | "incoming"): Spec => ({
+        name: "guest-driver",
+        instance: `guest-driver-${vm}`,
+        host: h,
+        port: next(),
+        vm,
+        role,
+        env: { VIRTMESH_VM: vm, VIRTMESH_SHM_DIR: shmDirFor(this.o, h), VIRTMESH_DISK: disk, VIRTMESH_INCOMING: role === "incoming" ? "1" : "0" },
+      });
+      out.push(gd(host, "vm"));
+      if (this.incoming) for (const h of this.o.hosts) if (h !== host) out.push(gd(h, "incoming"));
     }
     return out;
   }
@@ -129,8 +204,20 @@ export class Stack {
     this.registry = await Registry.open(this.nc);
 
     const specs = this.specs();
-    // Sidecars own each host's memory: they start first, the rest of the host after.
-    const waves = [specs.filter((s) => s.name === "shm-sidecar"), specs.filter((s) => s.name !== "shm-sidecar")];
+    // Sidecars own each host's memory: they start first, the rest of the host after;
+    // incoming guest-drivers last, once every VM runs where it was placed.
+    const waves = [
+      specs.filter((s) => s.name === "shm-sidecar"),
+      specs.filter((s) => s.name !== "shm-sidecar" && s.role !== "incoming"),
+      specs.filter((s) => s.role === "incoming"),
+    ].filter((w) => w.length > 0);
+    if (this.nats) {
+      const nats = this.nats;
+      nats.process.once("exit", (code, signal) => {
+        // Not restarted: JetStream state and every connection would have to be recovered.
+        if (!this.stopping) this.o.log(`nats-server (pid ${nats.pid}) died: ${signal ? `killed by ${signal}` : `exit code ${code}`} — not restarted; run 'virtmesh down' then 'up'`);
+      });
+    }
     for (const wave of waves) {
       const ms = wave.map((s) => this.spawn(s));
       this.onChange();
@@ -162,15 +249,28 @@ export class Stack {
     });
     closeSync(fd);
     const m: Managed = prev ?? {
-      rec: { name: spec.name, instance: spec.instance, host: spec.host, pid: 0, grpc: "", log: logPath, state: "starting", restarts: 0 },
+      rec: {
+        name: spec.name,
+        instance: spec.instance,
+        host: spec.host,
+        pid: 0,
+        grpc: "",
+        log: logPath,
+        state: "starting",
+        restarts: 0,
+        ...(spec.vm ? { vm: spec.vm } : {}),
+        ...(spec.role ? { role: spec.role } : {}),
+      },
       spec,
       lastStderr: "",
+      restartTimes: [],
+      supervised: false,
     };
     m.child = child;
     m.rec.pid = child.pid ?? 0;
     m.rec.state = "starting";
     m.rec.grpc = "";
-    delete m.rec.exit;
+    delete m.rec.restartAt;
     m.lastStderr = "";
     if (!prev) this.managed.push(m);
     child.stderr?.on("data", (d: Buffer) => {
@@ -187,22 +287,83 @@ export class Stack {
         m.rec.state = this.stopping ? "stopped" : "exited";
         if (!this.stopping) {
           this.o.log(`${spec.instance}@${spec.host} (pid ${child.pid}) ${wasRunning ? "died" : "failed to start"}: ${how}${m.lastStderr ? ` — ${m.lastStderr}` : ""}`);
-          if (wasRunning && this.o.restart?.(m.rec)) {
-            m.rec.restarts++;
-            this.o.log(`restarting ${spec.instance}@${spec.host} (restart ${m.rec.restarts})`);
-            setTimeout(() => {
-              if (this.stopping) return;
-              this.spawn(spec, m);
-              this.onChange();
-              void this.waitReady(m).then(() => this.onChange(), (e: Error) => this.o.log(e.message));
-            }, 200);
-          }
+          this.superviseExit(m);
         }
         this.onChange();
         resolve();
       });
     });
     return m;
+  }
+
+  /** A service died (or its restart failed to start): restart it after a backoff, or give up. */
+  private superviseExit(m: Managed): void {
+    const who = `${m.spec.instance}@${m.spec.host}`;
+    // A service that never became healthy fails `start()` instead (StackStartError).
+    if (!m.supervised || !this.policy) return;
+    if (this.o.restart && !this.o.restart(m.rec)) {
+      this.o.log(`${who} is not restarted (the stack's restart policy excludes it)`);
+      return;
+    }
+    const now = Date.now();
+    m.restartTimes = m.restartTimes.filter((t) => now - t < this.policy!.windowMs);
+    const delay = restartDelay(this.policy, m.restartTimes, now);
+    if (delay === undefined) {
+      m.rec.state = "failed";
+      this.o.log(
+        `giving up on ${who}: it died after ${m.restartTimes.length} restarts within ${this.policy.windowMs / 1000} s (last: ${m.rec.exit}); restart the stack ('virtmesh down', 'virtmesh up')`,
+      );
+      return;
+    }
+    m.restartTimes.push(now);
+    m.rec.restarts++;
+    m.rec.restartAt = new Date(now + delay).toISOString();
+    const note = m.spec.name === "guest-driver" ? (m.spec.role === "incoming" ? " (incoming: waits for a migration again)" : " (boots its VM afresh)") : "";
+    this.o.log(`restarting ${who} in ${delay} ms (restart ${m.rec.restarts}, ${m.restartTimes.length} in the last ${this.policy.windowMs / 1000} s)${note}`);
+    m.restartTimer = setTimeout(() => {
+      m.restartTimer = undefined;
+      if (this.stopping) return;
+      void this.respawn(m);
+    }, delay);
+  }
+
+  private async respawn(m: Managed): Promise<void> {
+    if (m.spec.name === "guest-driver" && m.spec.vm) await this.followVm(m);
+    if (this.stopping) return;
+    try {
+      this.spawn(m.spec, m);
+    } catch (e) {
+      this.o.log(`could not restart ${m.spec.instance}@${m.spec.host}: ${(e as Error).message}`);
+      return;
+    }
+    this.onChange();
+    try {
+      await this.waitReady(m);
+      this.onChange();
+    } catch (e) {
+      const c = m.child;
+      if (c && c.exitCode === null && c.signalCode === null) {
+        // Hung on start: kill it, and its exit goes through the backoff like any death.
+        this.o.log(`${(e as Error).message}; killing it`);
+        c.kill("SIGKILL");
+      }
+    }
+  }
+
+  /**
+   * After a migration the VM runs where the registry says, not where the stack put it:
+   * a guest-driver restarts as the VM's runner on the VM's host and as incoming elsewhere.
+   */
+  private async followVm(m: Managed): Promise<void> {
+    const placed = await this.registry?.getVm(m.spec.vm!).catch(() => undefined);
+    // Only a host that runs (or paused) the VM owns it; an INCOMING or STOPPED entry does not.
+    if (!placed || !this.incoming || (placed.state !== "RUN_STATE_RUNNING" && placed.state !== "RUN_STATE_PAUSED")) return;
+    const role = placed.host === m.spec.host ? "vm" : "incoming";
+    if (role === m.spec.role) return;
+    this.o.log(`${m.spec.instance}@${m.spec.host} restarts as ${role === "vm" ? "the VM's runner" : "incoming"}: the registry places ${m.spec.vm} on ${placed.host}`);
+    m.spec.role = role;
+    m.spec.env = { ...m.spec.env, VIRTMESH_INCOMING: role === "incoming" ? "1" : "0" };
+    m.rec.role = role;
   }
 
   private async waitReady(m: Managed, timeoutMs = 60_000): Promise<void> {
@@ -218,6 +379,7 @@ export class Stack {
       if (e && e.pid === child.pid && (await checkHealth(e.grpc, 1000))) {
         m.rec.grpc = e.grpc;
         m.rec.state = "running";
+        m.supervised = true;
         this.o.log(`${m.spec.instance}@${m.spec.host} (pid ${child.pid}) healthy on ${e.grpc}`);
         return;
       }
@@ -228,7 +390,14 @@ export class Stack {
 
   /** Stops every service (reverse start order), then NATS; removes shared memory. */
   async stop(): Promise<void> {
+    // Idempotent: a second call (a signal during shutdown, a test's cleanup) waits for the first.
+    this.stopped ??= this.stopAll();
+    return this.stopped;
+  }
+
+  private async stopAll(): Promise<void> {
     this.stopping = true;
+    for (const m of this.managed) if (m.restartTimer) clearTimeout(m.restartTimer);
     const order = [
       (m: Managed) => m.spec.name === "guest-driver",
       (m: Managed) => m.spec.name === "migration-manager",

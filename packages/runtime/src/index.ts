@@ -1,3 +1,4 @@
+export { ClientCache } from "./clients";
 export { runService, die, type ServiceContext, type ServiceHooks, type ServiceDefinitionOptions, type ClientCtor } from "./service";
 export { HealthImplementation } from "./health";
 export { ProbeRouter, ProbeError, checkRoute } from "./probe";

@@ -5,13 +5,10 @@
 import {
   Server,
   ServerCredentials,
-  credentials,
   status as Status,
   type ServiceDefinition,
   type UntypedServiceImplementation,
   type Client,
-  type ChannelCredentials,
-  type ClientOptions,
 } from "@grpc/grpc-js";
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { ConfigError, checkName, serviceConfig, type ServiceConfig } from "@virtmesh/config";
@@ -21,6 +18,9 @@ import { health, probe } from "@virtmesh/proto";
 import { HealthImplementation } from "./health";
 import { ProbeRouter } from "./probe";
 import { GrpcError } from "./grpc";
+import { ClientCache, type ClientCtor } from "./clients";
+
+export type { ClientCtor };
 
 export interface ServiceContext {
   config: ServiceConfig;
@@ -33,15 +33,13 @@ export interface ServiceContext {
   health: HealthImplementation;
   /** Adds a gRPC API and marks it SERVING in the health service once the server is up. */
   addService<I extends UntypedServiceImplementation>(name: string, def: ServiceDefinition<I>, impl: I): void;
-  /** A gRPC client for `instance` on `host`, resolved through the registry (cached per address). */
+  /** A gRPC client for `instance` on `host`, resolved through the registry (cached per client class and address). */
   client<C extends Client>(host: string, instance: string, ctor: ClientCtor<C>): Promise<C>;
   /** Publishes a JSON event on `virtmesh.<host>.<instance>.<topic>` with trace context. */
   publish(topic: string, body: unknown): void;
   /** Extra registry facts, e.g. the sidecar's shm directory. Set before `setup` returns. */
   meta: Record<string, string>;
 }
-
-export type ClientCtor<C> = new (address: string, creds: ChannelCredentials, options?: Partial<ClientOptions>) => C;
 
 export interface ServiceHooks {
   /**
@@ -103,7 +101,7 @@ export async function runService(def: ServiceDefinitionOptions): Promise<void> {
   const healthImpl = new HealthImplementation();
   server.addService(health.HealthService, healthImpl.server);
   const apis: string[] = [];
-  const clients = new Map<string, Client>();
+  const clients = new ClientCache();
   const ctx: ServiceContext = {
     config,
     instance,
@@ -120,10 +118,7 @@ export async function runService(def: ServiceDefinitionOptions): Promise<void> {
     async client(host, inst, ctor) {
       const e = await registry.getService(host, inst);
       if (!e) throw new GrpcError(Status.UNAVAILABLE, `${inst}@${host} is not registered`);
-      const key = `${e.grpc}/${ctor.name}`;
-      let c = clients.get(key);
-      if (!c) clients.set(key, (c = new ctor(e.grpc, credentials.createInsecure()) as unknown as Client));
-      return c as unknown as InstanceType<typeof ctor>;
+      return clients.get(e.grpc, ctor);
     },
     publish(topic, body) {
       tracedPublish(nc, serviceSubject(config.host, instance, topic), JSON.stringify(body));
@@ -209,7 +204,7 @@ export async function runService(def: ServiceDefinitionOptions): Promise<void> {
     } catch (e) {
       logger.error({ err: (e as Error).message }, "stop hook failed");
     }
-    for (const c of clients.values()) c.close();
+    clients.closeAll();
     await drainNats(nc);
     logger.info(`${who} stopped`);
     await shutdownTelemetry();

@@ -28,6 +28,8 @@ import {
 } from "@virtmesh/migration";
 import type { GuestCalls, MigrationPeers, SidecarCalls } from "./peers";
 
+/** A round must carry this much page data for its rate to stand for the link's bandwidth. */
+const BANDWIDTH_SAMPLE_BYTES = 256 * 1024;
 const P = migration.MigrationPhase;
 const tracer = () => trace.getTracer("virtmesh.migration-manager");
 
@@ -446,8 +448,11 @@ export class MigrationRun {
     // Bandwidth is measured on the stream; a round of zero pages only says how fast
     // pages go, so it counts their page size rather than the flags on the wire.
     const elapsedUs = r.elapsedUs || ms * 1000;
-    const bw = r.bytes > 0 ? measuredBandwidth(r.bytes, elapsedUs) : measuredBandwidth(r.pages * this.pageSize, elapsedUs);
-    if (bw > 0 && r.pages >= 1) this.bandwidth = bw;
+    // A round of a few data pages among many zero ones (an idle guest's bulk round) says
+    // little about the link: its time is the zero flags'. Take the data rate from rounds
+    // that carried enough data, and until one did, the page rate.
+    if (r.bytes >= BANDWIDTH_SAMPLE_BYTES) this.bandwidth = measuredBandwidth(r.bytes, elapsedUs);
+    else if (this.bandwidth === 0 && r.pages >= 1) this.bandwidth = measuredBandwidth(r.pages * this.pageSize, elapsedUs);
     round.bandwidthBytesPerS = this.bandwidth;
     round.throttlePct = this.c.throttlePct;
     this.sentSinceSync += r.bytes;
@@ -537,8 +542,11 @@ export class MigrationRun {
     this.c.expectedDowntimeMs = expected;
     this.c.rounds.push(round);
     span.setAttribute("migration.expected_downtime_ms", round.expectedDowntimeMs);
-    if (shouldSwitchover(expected, this.plan.limits.downtimeLimitMs)) {
+    // Nothing left to send: the estimate is the switchover's fixed cost alone, which no
+    // further round can lower, so go now (and the report shows it against the limit).
+    if (shouldSwitchover(expected, this.plan.limits.downtimeLimitMs) || r.remaining === 0) {
       span.setAttribute("migration.switchover", true);
+      span.setAttribute("migration.switchover_reason", r.remaining === 0 ? "nothing left to send" : "expected downtime within the limit");
       this.emit();
       return true;
     }
