@@ -77,6 +77,9 @@ export class VirtioBlkDriver {
   private running = false;
   private parked: Promise<void> | null = null;
   private unparkNow: () => void = () => undefined;
+  /** The VM is paused (migration): no CPU takes interrupts; completions stay in the used ring. */
+  private frozen: Promise<void> | null = null;
+  private thawNow: () => void = () => undefined;
   private loop: Promise<void> | null = null;
   private error: Error | null = null;
 
@@ -256,16 +259,41 @@ export class VirtioBlkDriver {
     this.call?.ring(); // the boot CPU re-checks the used ring at once
   }
 
+  /**
+   * The VM pauses: the boot CPU takes no interrupt until thaw(), whatever a fio
+   * run's park()/unpark() do meanwhile (the device's completions wait in the used ring).
+   */
+  freeze(): void {
+    if (this.frozen === null) this.frozen = new Promise((resolve) => (this.thawNow = resolve));
+    this.call?.ring();
+  }
+
+  /** The VM resumes: the boot CPU checks the used ring at once (completions that arrived while paused). */
+  thaw(): void {
+    this.frozen = null;
+    this.thawNow();
+    this.call?.ring();
+  }
+
+  get isFrozen(): boolean {
+    return this.frozen !== null;
+  }
+
   async stop(): Promise<void> {
     this.running = false;
+    this.thaw();
     this.unpark();
     await this.loop;
   }
 
   private async irqLoop(call: Doorbell): Promise<void> {
     const dq = this.dq;
-    const check = (): boolean => !this.running || this.parked !== null || dq.hasUsed();
+    const check = (): boolean => !this.running || this.parked !== null || this.frozen !== null || dq.hasUsed();
     while (this.running) {
+      if (this.frozen !== null) {
+        await this.frozen;
+        continue;
+      }
       if (this.parked !== null) {
         await this.parked;
         continue;

@@ -10,7 +10,7 @@ import { tmpdir, userInfo } from "node:os";
 import { callUnary, completion, sidecar, vhost } from "@virtmesh/proto";
 import type { ServiceContext } from "@virtmesh/runtime";
 import { Doorbell, mapFile, type SharedMapping } from "@virtmesh/shm";
-import { DriverQueue, GuestMemory, indirectAreaBytes, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1 } from "@virtmesh/virtqueue";
+import { DirtyLog, DriverQueue, GuestMemory, indirectAreaBytes, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1 } from "@virtmesh/virtqueue";
 import {
   VIRTIO_BLK_F_BLK_SIZE,
   VIRTIO_BLK_F_DISCARD,
@@ -25,7 +25,7 @@ import {
 import { ConfigError, int, str } from "@virtmesh/config";
 import { isLockKind } from "@virtmesh/qspinlock";
 import { REQ_AREA_STRIDE, VirtioBlkDriver } from "./blk";
-import { GuestKernel } from "./kernel";
+import { GuestKernel, type KernelGeometry } from "./kernel";
 import type { SpinlockConfig, VcpuBoot } from "./vcpu-protocol";
 import { GuestVcpus } from "./vcpus";
 
@@ -88,6 +88,28 @@ export function ensureDisk(path: string, bytes: number): number {
   return statSync(path).size;
 }
 
+/**
+ * The guest's virtio-blk front end outside guest memory and the guest kernel's
+ * memory: what a destination needs to run the same driver on (migration).
+ */
+export interface BlkGuestState {
+  /** Negotiated features, hex. */
+  features: string;
+  queueSize: number;
+  slots: number;
+  reqArea: number;
+  dataBase: number;
+  maxBs: number;
+  indirectArea: { addr: number; maxIndirect: number } | null;
+  eventIdx: boolean;
+  indirect: boolean;
+  diskBytes: number;
+  geom: KernelGeometry;
+  backend: BlkConfig["backend"];
+  mode: BlkConfig["mode"];
+  disk: string;
+}
+
 export interface BlkDevice {
   cfg: BlkConfig;
   layout: sidecar.VmLayout;
@@ -101,20 +123,67 @@ export interface BlkDevice {
   /** Slots for workloads: [0, slots - 1); the last one is the control slot. */
   slots: number;
   dataBase: number;
+  /** The front end's own state (migration); the kernel memory is vcpus.kernel.sab. */
+  guestState(): BlkGuestState;
+  /** KVM_MEM_LOG_DIRTY_PAGES for every CPU of the guest: the boot CPU and the vCPU threads. */
+  setDirtyLogging(enabled: boolean): void;
   /** The device's state as the vhost-worker reports it (NEEDS_RESET: the virtio status bit). */
   deviceStats(): Promise<vhost.DeviceStats>;
+  /**
+   * VHOST_GET_VRING_BASE (the worker stops popping; in-flight requests complete
+   * first, and in parallel mode the completion-thread drains) then, parallel,
+   * DetachQueue. Returns last_avail_idx.
+   */
+  stopRing(): Promise<number>;
+  /** vhost-worker SaveDeviceState (ring stopped). */
+  saveDevice(): Promise<Uint8Array>;
+  /** A cancelled migration: SET_VRING_BASE at `base`, BLK_SET_BACKEND, AttachQueue: the ring runs on. */
+  restartRing(base: number): Promise<void>;
+  /** The VM left (or an incoming one is dropped): ResetOwner, DetachQueue, DestroyVm, unmap. No GET_VRING_BASE. */
+  release(): Promise<void>;
   shutdown(): Promise<void>;
 }
 
 type Grpc = { code?: number; details?: string; message?: string };
 
-export async function bootBlk(ctx: ServiceContext, vm: string, cfg: BlkConfig): Promise<BlkDevice> {
+/** A proto bytes field over the same memory. */
+export const asBuffer = (u: Uint8Array): Buffer => Buffer.from(u.buffer, u.byteOffset, u.length);
+
+interface Clients {
+  sc: sidecar.SharedMemoryServiceClient;
+  vw: vhost.VhostBlkServiceClient;
+  ct: completion.CompletionServiceClient;
+}
+
+async function clients(ctx: ServiceContext): Promise<Clients> {
   const host = ctx.config.host;
   const timeout = ctx.config.startTimeoutMs;
   await Promise.all([ctx.registry.waitForService(host, "vhost-worker", timeout), ctx.registry.waitForService(host, "completion-thread", timeout)]);
-  const sc = await ctx.client(host, "shm-sidecar", sidecar.SharedMemoryServiceClient);
-  const vw = await ctx.client(host, "vhost-worker", vhost.VhostBlkServiceClient);
-  const ct = await ctx.client(host, "completion-thread", completion.CompletionServiceClient);
+  return {
+    sc: await ctx.client(host, "shm-sidecar", sidecar.SharedMemoryServiceClient),
+    vw: await ctx.client(host, "vhost-worker", vhost.VhostBlkServiceClient),
+    ct: await ctx.client(host, "completion-thread", completion.CompletionServiceClient),
+  };
+}
+
+const backendKind = (b: BlkConfig["backend"]) => ({ file: vhost.BackendKind.BACKEND_KIND_FILE, null: vhost.BackendKind.BACKEND_KIND_NULL, memory: vhost.BackendKind.BACKEND_KIND_MEMORY })[b];
+
+function attachCompletion(ctx: ServiceContext, c: Clients, vm: string, layout: sidecar.VmLayout, qr: sidecar.QueueRegion, eventIdx: boolean): Promise<unknown> {
+  return callUnary(c.ct, c.ct.attachQueue, {
+    vm,
+    device: BLK_DEVICE,
+    index: 0,
+    completionRingPath: join(ctx.config.shmDir, completionRingFileName(vm, BLK_DEVICE, 0)),
+    eventIdx,
+    callPath: qr.callPath,
+    memoryPath: layout.memoryPath,
+    deviceDirtyLogPath: layout.deviceDirtyLogPath,
+  });
+}
+
+export async function bootBlk(ctx: ServiceContext, vm: string, cfg: BlkConfig): Promise<BlkDevice> {
+  const c = await clients(ctx);
+  const { sc, vw, ct } = c;
   const dev = { vm, device: BLK_DEVICE };
 
   const diskBytes = cfg.backend === "file" ? ensureDisk(cfg.disk, cfg.diskBytes) : cfg.diskBytes;
@@ -129,8 +198,6 @@ export async function bootBlk(ctx: ServiceContext, vm: string, cfg: BlkConfig): 
 
   const memMap = mapFile(layout.memoryPath, layout.memoryBytes);
   const mem = new GuestMemory(memMap.buffer, { size: layout.memoryBytes });
-  const kick = Doorbell.open(qr.kickPath);
-  const call = Doorbell.open(qr.callPath);
 
   // vhost control sequence (QEMU vhost_dev_start order).
   await callUnary(vw, vw.setOwner, dev);
@@ -153,6 +220,7 @@ export async function bootBlk(ctx: ServiceContext, vm: string, cfg: BlkConfig): 
   const slots = indirect ? n : Math.floor(n / 3);
   const need = dataBase + slots * cfg.maxBs;
   if (reqArea + slots * REQ_AREA_STRIDE > indirectAddr || indirectAddr + indirectAreaBytes(n, maxIndirect) > dataBase || need > layout.reservedAddr) {
+    memMap.unmap();
     throw new ConfigError(`guest memory of ${layout.memoryBytes} bytes is too small for ${slots} requests of up to ${cfg.maxBs} bytes (need ${need} below ${layout.reservedAddr})`);
   }
   const qcfg = { size: n, descAddr: qr.descAddr, availAddr: qr.availAddr, usedAddr: qr.usedAddr, eventIdx, indirect };
@@ -167,26 +235,112 @@ export async function bootBlk(ctx: ServiceContext, vm: string, cfg: BlkConfig): 
   await callUnary(vw, vw.setVringKick, { dev, index: 0, path: qr.kickPath });
   await callUnary(vw, vw.setVringCall, { dev, index: 0, path: qr.callPath });
   await callUnary(vw, vw.setLogBase, { dev, logPath: layout.deviceDirtyLogPath });
-  const kind = { file: vhost.BackendKind.BACKEND_KIND_FILE, null: vhost.BackendKind.BACKEND_KIND_NULL, memory: vhost.BackendKind.BACKEND_KIND_MEMORY }[cfg.backend];
   const mode = cfg.mode === "serialized" ? vhost.CompletionMode.COMPLETION_MODE_SERIALIZED : vhost.CompletionMode.COMPLETION_MODE_PARALLEL;
-  await callUnary(vw, vw.blkSetBackend, { dev, index: 0, kind, path: cfg.backend === "file" ? cfg.disk : "", capacityBytes: cfg.backend === "file" ? 0 : diskBytes, mode, cgroup: "" });
-  if (cfg.mode === "parallel") {
-    await callUnary(ct, ct.attachQueue, {
-      vm,
-      device: BLK_DEVICE,
-      index: 0,
-      completionRingPath: join(ctx.config.shmDir, completionRingFileName(vm, BLK_DEVICE, 0)),
-      eventIdx,
-      callPath: qr.callPath,
-      memoryPath: layout.memoryPath,
-      deviceDirtyLogPath: layout.deviceDirtyLogPath,
-    });
-  }
+  await callUnary(vw, vw.blkSetBackend, { dev, index: 0, kind: backendKind(cfg.backend), path: cfg.backend === "file" ? cfg.disk : "", capacityBytes: cfg.backend === "file" ? 0 : diskBytes, mode, cgroup: "" });
+  if (cfg.mode === "parallel") await attachCompletion(ctx, c, vm, layout, qr, eventIdx);
 
+  const st: BlkGuestState = {
+    features: features.toString(16),
+    queueSize: n,
+    slots,
+    reqArea,
+    dataBase,
+    maxBs: cfg.maxBs,
+    indirectArea,
+    eventIdx,
+    indirect,
+    diskBytes,
+    geom: kernel.geom,
+    backend: cfg.backend,
+    mode: cfg.mode,
+    disk: cfg.disk,
+  };
+  return frontEnd(ctx, c, vm, cfg, layout, qr, memMap, mem, kernel, dq, st, false);
+}
+
+/**
+ * Incoming migration: the destination sidecar already holds the VM (the manager
+ * created it with the source's layout and its pages arrived). Map it, rebuild the
+ * guest kernel over the saved bytes, attach the queue's driver to the saved shared
+ * state, and set the device up from its saved state (vhost-worker SetOwner +
+ * LoadDeviceState with this host's doorbells and log: the ring resumes at the saved
+ * last_avail_idx), then the completion-thread (parallel mode). The VM stays paused
+ * (the boot CPU's interrupt loop frozen) until the caller thaws it.
+ */
+export async function attachBlk(ctx: ServiceContext, vm: string, cfg: BlkConfig, st: BlkGuestState, kernelBytes: Uint8Array, deviceState: Uint8Array): Promise<BlkDevice> {
+  const c = await clients(ctx);
+  const { sc, vw, ct } = c;
+  const dev = { vm, device: BLK_DEVICE };
+  const layout = await callUnary(sc, sc.describeVm, { vm });
+  const qr = layout.queues.find((q) => q.device === BLK_DEVICE && q.index === 0);
+  if (!qr) throw new Error(`vm ${vm} on this host has no ${BLK_DEVICE} queue`);
+  if (qr.size !== st.queueSize) throw new Error(`vm ${vm}'s ${BLK_DEVICE} queue has ${qr.size} entries here, the saved driver ${st.queueSize}`);
+  if (st.dataBase + st.slots * st.maxBs > layout.reservedAddr) throw new Error(`the saved ${BLK_DEVICE} driver's buffers end past reserved_addr ${layout.reservedAddr}`);
+  const memMap = mapFile(layout.memoryPath, layout.memoryBytes);
+  try {
+    const mem = new GuestMemory(memMap.buffer, { size: layout.memoryBytes });
+    const sab = new SharedArrayBuffer(kernelBytes.length);
+    new Uint8Array(sab).set(kernelBytes);
+    const kernel = new GuestKernel(st.geom, sab);
+    const qcfg = { size: st.queueSize, descAddr: qr.descAddr, availAddr: qr.availAddr, usedAddr: qr.usedAddr, eventIdx: st.eventIdx, indirect: st.indirect };
+    const dq = new DriverQueue(mem, qcfg, { ...(st.indirectArea ? { indirectArea: st.indirectArea } : {}), sharedState: { buffer: kernel.sab, byteOffset: kernel.driverStateOffset, attach: true } });
+    await callUnary(vw, vw.setOwner, dev);
+    await callUnary(vw, vw.loadDeviceState, { dev, state: asBuffer(deviceState), kickPath: qr.kickPath, callPath: qr.callPath, logPath: layout.deviceDirtyLogPath });
+    if (st.mode === "parallel") await attachCompletion(ctx, c, vm, layout, qr, st.eventIdx);
+    return await frontEnd(ctx, c, vm, { ...cfg, vcpus: st.geom.vcpus, backend: st.backend, mode: st.mode, disk: st.disk, maxBs: st.maxBs }, layout, qr, memMap, mem, kernel, dq, st, true);
+  } catch (e) {
+    await callUnary(vw, vw.resetOwner, dev).catch(() => undefined);
+    await callUnary(ct, ct.detachQueue, { vm, device: BLK_DEVICE, index: 0 }).catch(() => undefined);
+    memMap.unmap();
+    throw e;
+  }
+}
+
+/** The part of the boot a fresh and a migrated VM share: the boot CPU's driver, the vCPUs, teardown. */
+function frontEnd(
+  ctx: ServiceContext,
+  c: Clients,
+  vm: string,
+  cfg: BlkConfig,
+  layout: sidecar.VmLayout,
+  qr: sidecar.QueueRegion,
+  memMap: SharedMapping,
+  mem: GuestMemory,
+  kernel: GuestKernel,
+  dq: DriverQueue,
+  st: BlkGuestState,
+  paused: boolean,
+): BlkDevice {
+  const { sc, vw, ct } = c;
+  const dev = { vm, device: BLK_DEVICE };
+  // The boot CPU's writes (ring entries, request headers, balloon buffers) go to the vCPU
+  // dirty log like the vCPU threads' do: off until the sidecar switches logging on.
+  const logMap = mapFile(layout.dirtyLogPath, statSync(layout.dirtyLogPath).size);
+  mem.vcpu.dirtyLog = new DirtyLog(logMap.buffer, layout.memoryBytes, { enabled: false });
+  const kick = Doorbell.open(qr.kickPath);
+  const call = Doorbell.open(qr.callPath);
+  const qcfg = { size: st.queueSize, descAddr: qr.descAddr, availAddr: qr.availAddr, usedAddr: qr.usedAddr, eventIdx: st.eventIdx, indirect: st.indirect };
   // The per-head trace slots live in the completion ring file vhost-worker made at BlkSetBackend.
   const cringPath = join(ctx.config.shmDir, completionRingFileName(vm, BLK_DEVICE, 0));
-  const cringBytes = statSync(cringPath).size;
-  const cringMap = mapFile(cringPath, cringBytes);
+  let cringMap: SharedMapping | null = null;
+  const mapTraceRing = (): void => {
+    cringMap?.unmap();
+    cringMap = null;
+    driver.traceRing = null;
+    try {
+      cringMap = mapFile(cringPath, statSync(cringPath).size);
+      driver.traceRing = CompletionRing.open(cringMap.buffer);
+    } catch (e) {
+      ctx.logger.warn(`no trace slots (${cringPath}): ${(e as Error).message}`);
+    }
+  };
+  const cringBytes = (() => {
+    try {
+      return statSync(cringPath).size;
+    } catch {
+      return 0;
+    }
+  })();
   const boot: Omit<VcpuBoot, "cpu"> = {
     kernelSab: kernel.sab,
     geom: kernel.geom,
@@ -195,21 +349,47 @@ export async function bootBlk(ctx: ServiceContext, vm: string, cfg: BlkConfig): 
     kickPath: qr.kickPath,
     callPath: qr.callPath,
     queue: qcfg,
-    indirectArea,
-    reqArea,
-    dataBase,
-    maxBs: cfg.maxBs,
-    slots,
-    diskBytes,
-    completionRing: { path: cringPath, bytes: cringBytes },
+    indirectArea: st.indirectArea,
+    reqArea: st.reqArea,
+    dataBase: st.dataBase,
+    maxBs: st.maxBs,
+    slots: st.slots,
+    diskBytes: st.diskBytes,
+    completionRing: cringBytes > 0 ? { path: cringPath, bytes: cringBytes } : null,
+    // vCPU writes land in the VM's vCPU dirty log while the sidecar has logging on (KVM's dirty bitmap).
+    vcpuDirtyLogPath: layout.dirtyLogPath,
   };
   const vcpus = new GuestVcpus(kernel, boot, () => call.ring());
   // The boot CPU (cpu 0, this thread) runs the interrupt handler and control requests.
-  const driver = new VirtioBlkDriver(mem, dq, kick, call, reqArea, slots, kernel, 0, vcpus.layOutLock(cfg.spinlock).lock);
-  driver.traceRing = CompletionRing.open(cringMap.buffer);
+  const driver = new VirtioBlkDriver(mem, dq, kick, call, st.reqArea, st.slots, kernel, 0, vcpus.layOutLock(cfg.spinlock).lock);
+  mapTraceRing();
+  // A migrated VM stays paused until Resume: its boot CPU takes no interrupt before then.
+  if (paused) driver.freeze();
   driver.start();
   // Bring the first vCPU up now (a fio job's home unless numjobs > 1); the rest start on demand.
   vcpus.prestart(1).catch((e: Error) => ctx.logger.warn(`vCPU 1 did not start: ${e.message}`));
+  const warn = (what: string) => (e: Grpc) => {
+    if (e.code !== Status.NOT_FOUND) ctx.logger.warn(`${what}: ${e.details ?? e.message}`);
+  };
+  const unmapAll = async (): Promise<void> => {
+    await vcpus.close();
+    await driver.stop();
+    driver.traceRing = null;
+    cringMap?.unmap();
+    cringMap = null;
+  };
+  let logMapped = true;
+  const releaseDevices = async (): Promise<void> => {
+    mem.vcpu.dirtyLog = null;
+    if (logMapped) logMap.unmap();
+    logMapped = false;
+    await callUnary(vw, vw.resetOwner, dev).catch(warn("ResetOwner"));
+    if (st.mode === "parallel") await callUnary(ct, ct.detachQueue, { vm, device: BLK_DEVICE, index: 0 }).catch(warn("DetachQueue"));
+    kick.close();
+    call.close();
+    memMap.unmap();
+    await callUnary(sc, sc.destroyVm, { vm }).catch(warn("DestroyVm"));
+  };
 
   return {
     cfg,
@@ -218,28 +398,42 @@ export async function bootBlk(ctx: ServiceContext, vm: string, cfg: BlkConfig): 
     mem,
     driver,
     vcpus,
-    features,
-    diskBytes,
-    slots,
-    dataBase,
+    features: BigInt(`0x${st.features}`),
+    diskBytes: st.diskBytes,
+    slots: st.slots,
+    dataBase: st.dataBase,
+    guestState: () => ({ ...st }),
+    setDirtyLogging(enabled: boolean) {
+      if (mem.vcpu.dirtyLog) mem.vcpu.dirtyLog.enabled = enabled;
+      vcpus.setDirtyLogging(enabled);
+    },
     deviceStats: () => callUnary(vw, vw.getStats, dev),
+    async stopRing() {
+      const { num } = await callUnary(vw, vw.getVringBase, { dev, index: 0, num: 0 }, 30_000);
+      if (st.mode === "parallel") await callUnary(ct, ct.detachQueue, { vm, device: BLK_DEVICE, index: 0 });
+      return num;
+    },
+    async saveDevice() {
+      return (await callUnary(vw, vw.saveDeviceState, dev)).state;
+    },
+    async restartRing(base: number) {
+      // vhost_dev_start again: the ring resumes at the base GET_VRING_BASE returned.
+      await callUnary(vw, vw.setVringBase, { dev, index: 0, num: base });
+      const mode = st.mode === "serialized" ? vhost.CompletionMode.COMPLETION_MODE_SERIALIZED : vhost.CompletionMode.COMPLETION_MODE_PARALLEL;
+      await callUnary(vw, vw.blkSetBackend, { dev, index: 0, kind: backendKind(st.backend), path: st.backend === "file" ? st.disk : "", capacityBytes: st.backend === "file" ? 0 : st.diskBytes, mode, cgroup: "" });
+      if (st.mode === "parallel") await attachCompletion(ctx, c, vm, layout, qr, st.eventIdx);
+      // BLK_SET_BACKEND made a fresh completion ring file: map its trace slots again.
+      mapTraceRing();
+    },
+    async release() {
+      await unmapAll();
+      await releaseDevices();
+    },
     async shutdown() {
-      await vcpus.close();
-      await driver.stop();
-      driver.traceRing = null;
-      cringMap.unmap();
+      await unmapAll();
       // GET_VRING_BASE stops the ring and waits for what is in flight; then release the device.
-      await callUnary(vw, vw.getVringBase, { dev, index: 0, num: 0 }).catch((e: Grpc) => ctx.logger.warn(`GetVringBase: ${e.details ?? e.message}`));
-      await callUnary(vw, vw.resetOwner, dev).catch((e: Grpc) => ctx.logger.warn(`ResetOwner: ${e.details ?? e.message}`));
-      if (cfg.mode === "parallel") {
-        await callUnary(ct, ct.detachQueue, { vm, device: BLK_DEVICE, index: 0 }).catch((e: Grpc) => {
-          if (e.code !== Status.NOT_FOUND) ctx.logger.warn(`DetachQueue: ${e.details ?? e.message}`);
-        });
-      }
-      kick.close();
-      call.close();
-      memMap.unmap();
-      await callUnary(sc, sc.destroyVm, { vm }).catch((e: Grpc) => ctx.logger.warn(`DestroyVm: ${e.details ?? e.message}`));
+      await callUnary(vw, vw.getVringBase, { dev, index: 0, num: 0 }).catch(warn("GetVringBase"));
+      await releaseDevices();
     },
   };
 }

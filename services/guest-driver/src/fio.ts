@@ -7,9 +7,9 @@
 // offset. Write jobs with verify read their region back afterwards (fio's verify
 // phase); every job that wrote ends with a FLUSH.
 //
-// Jobs run on the guest's vCPU threads (vcpus.ts): runJobs() is what one vCPU
-// runs for its jobs, taking its completions from the interrupt handler one by
-// one; mergeOutcome() adds up what the vCPUs report.
+// Jobs run on the guest's vCPU threads (vcpus.ts): FioVcpu is what one vCPU
+// runs for its jobs, step by step, taking its completions from the interrupt
+// handler one by one; mergeOutcome() adds up what the vCPUs report.
 import { randomBytes } from "node:crypto";
 import { performance } from "node:perf_hooks";
 import { LatencyHistogram } from "@virtmesh/bench";
@@ -87,14 +87,6 @@ export interface FioPartial {
   inflight: number;
 }
 
-/** How a vCPU gets its completions (slot << 8 | status). */
-export interface CompletionSource {
-  /** Halts until the next one; -1 when the run is abandoned. */
-  next(): number;
-  /** The next one, or -1 at performance.now() time untilMs (draining an abandoned run). */
-  drain(untilMs: number): number;
-}
-
 /** How long an abandoned run waits for its in-flight requests before it reports them lost. */
 export const DRAIN_MS = 5000;
 
@@ -132,7 +124,7 @@ export function checkFioParams(p: FioParams, env: FioEnv): string | null {
 
 /** xorshift32: deterministic, allocation-free randomness for offsets and read/write mix. */
 class Rng {
-  constructor(private s: number) {
+  constructor(public s: number) {
     if (this.s === 0) this.s = 0x2545f491;
   }
   next(): number {
@@ -166,6 +158,12 @@ class Job {
   readonly slotT0: Float64Array;
   readonly slotSpan: Array<SampledRequest | null>;
   private readonly rng: Rng;
+  get rngState(): number {
+    return this.rng.s;
+  }
+  set rngState(v: number) {
+    this.rng.s = v >>> 0 || 0x2545f491;
+  }
 
   constructor(
     readonly run: Run,
@@ -348,8 +346,8 @@ class Run {
   readonly failures: string[] = [];
   readonly hist = new LatencyHistogram();
   readonly spans: SampledRequest[] = [];
-  private readonly deadline: number;
-  private requests = 0;
+  readonly deadline: number;
+  requests = 0;
   private readonly traceOn: boolean;
 
   constructor(
@@ -382,61 +380,211 @@ export function newRunId(): number {
   return ((Math.random() * 0xfffffffe) >>> 0) + 1;
 }
 
+/** A job's state across a migration (what its vCPU cannot rebuild). */
+interface JobState {
+  index: number;
+  phase: Phase;
+  cursor: number;
+  issued: number;
+  inflight: number;
+  wrote: boolean;
+  rng: number;
+  /** Verify map: the last generation written per block (Uint32Array, base64). */
+  gen: string;
+  /** Blocks with a request in flight (Uint8Array, base64). */
+  busy: string;
+  slotBlock: number[];
+  slotWrite: number[];
+  /** Submission times, epoch ms (comparable across threads and processes). */
+  slotT0Epoch: number[];
+  /** Index in spans of the slot's sampled request in flight, or -1. */
+  slotSpan: number[];
+}
+
+/** One vCPU's part of a fio run, as saved by FioVcpu.save() (JSON-safe). */
+export interface FioVcpuState {
+  p: FioParams;
+  runId: number;
+  parent: TraceParent | null;
+  traceEvery: number;
+  deadlineEpochMs: number | null;
+  readIos: number;
+  writeIos: number;
+  readBytes: number;
+  writeBytes: number;
+  errors: number;
+  failures: string[];
+  hist: string;
+  spans: SampledRequest[];
+  requests: number;
+  stopped: boolean;
+  jobs: JobState[];
+}
+
+const b64 = (a: Uint8Array | Uint32Array): string => Buffer.from(a.buffer, a.byteOffset, a.byteLength).toString("base64");
+function fromB64<T extends Uint8Array | Uint32Array>(s: string, into: T): T {
+  const b = Buffer.from(s, "base64");
+  if (b.length !== into.byteLength) throw new RangeError(`saved fio state: ${b.length} bytes where ${into.byteLength} are expected`);
+  new Uint8Array(into.buffer, into.byteOffset, into.byteLength).set(b);
+  return into;
+}
+
 /**
- * Runs fio jobs `jobIndexes` on this vCPU until they finish: submits through
- * env.driver and takes each completion from `src`. If the run is abandoned,
- * issues nothing more and waits (up to DRAIN_MS) for what is in flight, so no
- * request of this run is still using its slot when the next run starts.
- * `deadlineMs` is this thread's performance.now() at which runtime ends.
+ * What one vCPU runs for its fio jobs, one step at a time: start() submits the
+ * first requests, deliver() takes one completion (slot << 8 | status) and
+ * submits what comes next. The vCPU thread interleaves the steps with its
+ * other work (the dirtying walk), parks between two of them (pause), and can
+ * save() the whole run between two steps to go on in another process
+ * (restore()): positions, the verify map, counters, the latency histogram and
+ * which slots are in flight (those requests complete there, through the used
+ * ring and the guest kernel's maps, which migrate with guest memory).
  */
-export function runJobs(p: FioParams, env: FioEnv, jobIndexes: readonly number[], runId: number, parent: TraceParent | null, deadlineMs: number, src: CompletionSource): FioPartial {
-  const run = new Run(p, env, runId, parent, deadlineMs);
-  const jobs = new Map<number, Job>();
-  for (const j of jobIndexes) jobs.set(j, new Job(run, j, j * p.iodepth));
-  let active = jobs.size;
-  for (const job of jobs.values()) {
-    job.start();
-    if (job.done) active--;
+export class FioVcpu {
+  readonly run: Run;
+  readonly jobs = new Map<number, Job>();
+  private active = 0;
+  /** Abandoned (CTL_STOP): issue nothing more, take back what is in flight until drainUntil. */
+  stopped = false;
+  private drainUntil = 0;
+
+  constructor(p: FioParams, env: FioEnv, jobIndexes: readonly number[], runId: number, parent: TraceParent | null, deadlineMs: number) {
+    this.run = new Run(p, env, runId, parent, deadlineMs);
+    for (const j of jobIndexes) this.jobs.set(j, new Job(this.run, j, j * p.iodepth));
   }
-  let stopped = false;
-  while (active > 0) {
-    const c = src.next();
-    if (c < 0) {
-      stopped = true;
-      break;
-    }
+
+  start(): void {
+    for (const job of this.jobs.values()) job.start();
+    this.count();
+  }
+
+  private count(): void {
+    let a = 0;
+    for (const job of this.jobs.values()) if (!job.done) a++;
+    this.active = a;
+  }
+
+  get inflight(): number {
+    let n = 0;
+    for (const job of this.jobs.values()) n += job.inflight;
+    return n;
+  }
+
+  /** Every job finished, or (abandoned) every request came back or the drain time is over. */
+  finished(now: number): boolean {
+    if (!this.stopped) return this.active === 0;
+    return this.inflight === 0 || now >= this.drainUntil;
+  }
+
+  /** Stops issuing; what is in flight is waited for up to DRAIN_MS from now. */
+  abandon(now: number): void {
+    if (this.stopped) return;
+    this.stopped = true;
+    this.drainUntil = now + DRAIN_MS;
+  }
+
+  /** One completion for this vCPU: slot << 8 | status. */
+  deliver(c: number): void {
+    const p = this.run.p;
     const slot = c >>> 8;
-    const job = jobs.get(jobOfSlot(p, slot));
+    const job = this.jobs.get(jobOfSlot(p, slot));
+    if (this.stopped) {
+      if (job !== undefined && job.inflight > 0) job.inflight--;
+      return;
+    }
     if (job === undefined || job.done) throw new Error(`completion for slot ${slot}, which no running job of this vCPU owns`);
     job.complete(slot % p.iodepth, c & 0xff);
-    if (job.done) active--;
+    if (job.done) this.active--;
   }
-  let inflight = 0;
-  for (const job of jobs.values()) inflight += job.inflight;
-  if (stopped) {
-    const until = performance.now() + DRAIN_MS;
-    while (inflight > 0) {
-      const c = src.drain(until);
-      if (c < 0) break;
-      const job = jobs.get(jobOfSlot(p, c >>> 8));
-      if (job !== undefined && job.inflight > 0) {
-        job.inflight--;
-        inflight--;
-      }
+
+  partial(): FioPartial {
+    const run = this.run;
+    return {
+      readIos: run.readIos,
+      writeIos: run.writeIos,
+      readBytes: run.readBytes,
+      writeBytes: run.writeBytes,
+      errors: run.errors,
+      failures: run.failures,
+      hist: run.hist.encode(),
+      spans: run.spans,
+      stopped: this.stopped,
+      inflight: this.stopped ? this.inflight : 0,
+    };
+  }
+
+  save(): FioVcpuState {
+    const run = this.run;
+    const spanIndex = (s: SampledRequest | null): number => (s === null ? -1 : run.spans.indexOf(s));
+    return {
+      p: run.p,
+      runId: run.runId,
+      parent: run.parent,
+      traceEvery: run.env.traceEvery,
+      deadlineEpochMs: run.deadline === Infinity ? null : performance.timeOrigin + run.deadline,
+      readIos: run.readIos,
+      writeIos: run.writeIos,
+      readBytes: run.readBytes,
+      writeBytes: run.writeBytes,
+      errors: run.errors,
+      failures: run.failures,
+      hist: run.hist.encode(),
+      spans: run.spans,
+      requests: run.requests,
+      stopped: this.stopped,
+      jobs: [...this.jobs.values()].map((j) => ({
+        index: j.index,
+        phase: j.phase,
+        cursor: j.cursor,
+        issued: j.issued,
+        inflight: j.inflight,
+        wrote: j.wrote,
+        rng: j.rngState,
+        gen: b64(j.gen),
+        busy: b64(j.busy),
+        slotBlock: Array.from(j.slotBlock),
+        slotWrite: Array.from(j.slotWrite),
+        slotT0Epoch: Array.from(j.slotT0, (t) => performance.timeOrigin + t),
+        slotSpan: j.slotSpan.map(spanIndex),
+      })),
+    };
+  }
+
+  /** The run saved by save(), on this vCPU (env: this process's driver and buffers), ready for the next step. */
+  static restore(s: FioVcpuState, env: FioEnv): FioVcpu {
+    env.traceEvery = s.traceEvery;
+    const deadline = s.deadlineEpochMs === null ? Infinity : s.deadlineEpochMs - performance.timeOrigin;
+    // Job constructors rebuild the shuffled order from the run id (deterministic); the rest is overwritten.
+    const f = new FioVcpu(s.p, env, s.jobs.map((j) => j.index), s.runId, s.parent, deadline);
+    const run = f.run;
+    run.readIos = s.readIos;
+    run.writeIos = s.writeIos;
+    run.readBytes = s.readBytes;
+    run.writeBytes = s.writeBytes;
+    run.errors = s.errors;
+    run.failures.push(...s.failures);
+    run.hist.merge(s.hist);
+    run.spans.push(...s.spans);
+    run.requests = s.requests;
+    for (const js of s.jobs) {
+      const j = f.jobs.get(js.index)!;
+      j.phase = js.phase;
+      j.cursor = js.cursor;
+      j.issued = js.issued;
+      j.inflight = js.inflight;
+      j.wrote = js.wrote;
+      j.rngState = js.rng;
+      fromB64(js.gen, j.gen);
+      fromB64(js.busy, j.busy);
+      j.slotBlock.set(js.slotBlock);
+      j.slotWrite.set(js.slotWrite);
+      j.slotT0.set(js.slotT0Epoch.map((t) => t - performance.timeOrigin));
+      js.slotSpan.forEach((k, i) => (j.slotSpan[i] = k >= 0 ? (run.spans[k] ?? null) : null));
     }
+    f.stopped = s.stopped;
+    if (f.stopped) f.drainUntil = performance.now() + DRAIN_MS;
+    f.count();
+    return f;
   }
-  return {
-    readIos: run.readIos,
-    writeIos: run.writeIos,
-    readBytes: run.readBytes,
-    writeBytes: run.writeBytes,
-    errors: run.errors,
-    failures: run.failures,
-    hist: run.hist.encode(),
-    spans: run.spans,
-    stopped,
-    inflight,
-  };
 }
 
 /** Adds up the vCPUs' reports of one run that took elapsedMs. */

@@ -77,6 +77,52 @@ export interface GuestBalloonOptions {
   /** How long to retry AttachVm while balloon-host is not up yet (default 30 s). */
   attachTimeoutMs?: number;
   log?: (level: "info" | "warn", msg: string, fields?: Record<string, unknown>) => void;
+  /**
+   * Migration: go on with a driver saved by saveGuestBalloon() instead of starting a
+   * fresh one. The device was attached from its saved state (balloon-host LoadState,
+   * whose answer is `attach`); the rings keep their indexes (read back from guest
+   * memory), the balloon keeps its pages and actual, the buffers stay where they were.
+   */
+  resume?: { attach: balloon.AttachVmResponse; saved: GuestBalloonState };
+}
+
+/** The balloon driver's state outside guest memory (migration). */
+export interface GuestBalloonState {
+  features: number;
+  bufPfn: number;
+  /** vb_dev_info->pages: the balloon's blocks, [pfn, order], in stack order. */
+  blocks: Array<[number, number]>;
+}
+
+// BalloonDriver keeps its page stack private; the migration reads and rebuilds it
+// through this view (the stack is plain bookkeeping: the pages stay allocated in the
+// allocator, whose metadata lives in guest memory and migrates with it).
+interface BalloonStackView {
+  stackPfn: Int32Array;
+  stackOrder: Uint8Array;
+  depth: number;
+  numPages: number;
+}
+
+function balloonStack(driver: BalloonDriver): Array<[number, number]> {
+  const v = driver as unknown as BalloonStackView;
+  const out: Array<[number, number]> = [];
+  for (let i = 0; i < v.depth; i++) out.push([v.stackPfn[i]!, v.stackOrder[i]!]);
+  return out;
+}
+
+function restoreBalloonStack(driver: BalloonDriver, blocks: Array<[number, number]>, totalPages: number): void {
+  const v = driver as unknown as BalloonStackView;
+  if (blocks.length > v.stackPfn.length) throw new RangeError(`saved balloon has ${blocks.length} blocks, the driver room for ${v.stackPfn.length}`);
+  let pages = 0;
+  blocks.forEach(([pfn, order], i) => {
+    if (!Number.isInteger(pfn) || !Number.isInteger(order) || order < 0 || order > 10 || pfn < 0 || pfn + 2 ** order > totalPages) throw new RangeError(`saved balloon block ${pfn}/${order} is outside guest RAM`);
+    v.stackPfn[i] = pfn;
+    v.stackOrder[i] = order;
+    pages += 2 ** order;
+  });
+  v.depth = blocks.length;
+  v.numPages = pages;
 }
 
 export interface GuestBalloon {
@@ -93,6 +139,8 @@ export interface GuestBalloon {
   reportFreePages(): Promise<number>;
   /** Resolves once the balloon has caught up with the current target (or the guest ran out of pages). */
   settled(): Promise<void>;
+  /** The driver's state for a migration (call with the guest paused, before stop()). */
+  save(): GuestBalloonState;
   stop(): Promise<void>;
 }
 
@@ -128,22 +176,30 @@ export async function startGuestBalloon(opts: GuestBalloonOptions): Promise<Gues
     for (const name of ["inflate", "deflate", "stats", "reporting"] as const) {
       const r = region(BALLOON_DEVICE, BALLOON_QUEUE_INDEX[name]);
       if (!r) continue;
-      const q = new DriverQueue(memory, { size: r.size, descAddr: r.descAddr, availAddr: r.availAddr, usedAddr: r.usedAddr });
+      // Resumed: the rings keep their indexes (the device resumes at its saved ones).
+      const q = new DriverQueue(memory, { size: r.size, descAddr: r.descAddr, availAddr: r.availAddr, usedAddr: r.usedAddr }, opts.resume ? { initRings: false } : {});
       queues.set(name, { name, q, kick: open(r.kickPath), call: open(r.callPath) });
     }
     const cfgKick = open(cfgRegion.kickPath);
     const cfgCall = open(cfgRegion.callPath);
     const config = new GuestBalloonConfig(memory.buffer, memory.bytes.byteOffset + cfgRegion.descAddr);
 
-    const client = opts.client ?? (await balloonClient(opts));
-    const attach = await attachWithRetry(client, vm, opts.features ?? DEFAULT_BALLOON_FEATURES, opts.attachTimeoutMs ?? 30_000);
+    const client = async () => opts.client ?? (await balloonClient(opts));
+    const attach = opts.resume ? opts.resume.attach : await attachWithRetry(await client(), vm, opts.features ?? DEFAULT_BALLOON_FEATURES, opts.attachTimeoutMs ?? 30_000);
     const features = attach.features;
     if (attach.configAddr !== cfgRegion.descAddr) throw new Error(`balloon-host uses config page ${attach.configAddr}, the layout says ${cfgRegion.descAddr}`);
 
     // The driver's buffers live in guest memory (the device reads them by address).
-    bufPfn = allocator.alloc(BUFFER_ORDER);
-    if (bufPfn < 0) throw new Error("no guest memory for the balloon buffers");
-    const bufAddr = bufPfn * PAGE_SIZE;
+    if (opts.resume) {
+      // Still allocated in the migrated allocator.
+      const saved = opts.resume.saved;
+      if (allocator.allocatedOrder(saved.bufPfn) !== BUFFER_ORDER) throw new Error(`saved balloon buffer at pfn ${saved.bufPfn} is not an allocated order-${BUFFER_ORDER} block`);
+    } else {
+      bufPfn = allocator.alloc(BUFFER_ORDER);
+      if (bufPfn < 0) throw new Error("no guest memory for the balloon buffers");
+    }
+    const ownBufPfn = opts.resume ? opts.resume.saved.bufPfn : bufPfn;
+    const bufAddr = ownBufPfn * PAGE_SIZE;
     const negotiated = [...queues.values()].filter(
       (g) =>
         g.name === "inflate" ||
@@ -161,8 +217,10 @@ export async function startGuestBalloon(opts: GuestBalloonOptions): Promise<Gues
     });
 
     let stopped = false;
-    // A new driver starts with an empty balloon (a rebooted guest's old balloon is gone).
-    config.actual = 0;
+    // A new driver starts with an empty balloon (a rebooted guest's old balloon is gone);
+    // a resumed one with the pages it had.
+    if (opts.resume) restoreBalloonStack(driver, opts.resume.saved.blocks, allocator.totalPages);
+    else config.actual = 0;
     const publishActual = () => {
       if (config.actual !== driver.numPages) {
         config.actual = driver.numPages;
@@ -251,6 +309,7 @@ export async function startGuestBalloon(opts: GuestBalloonOptions): Promise<Gues
       },
       reportFreePages: () => (reporting ? driver.reportFreePages(reportMinOrder) : Promise.resolve(0)),
       settled: () => (following ? new Promise<void>((r) => settledWaiters.push(r)) : Promise.resolve()),
+      save: () => ({ features, bufPfn: ownBufPfn, blocks: balloonStack(driver) }),
       async stop() {
         if (stopped) return;
         stopped = true;
