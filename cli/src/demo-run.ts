@@ -1,6 +1,7 @@
 import { credentials, Metadata } from "@grpc/grpc-js";
 import { context, trace, SpanStatusCode } from "@opentelemetry/api";
-import { balloon, callUnary, guest, probe, sidecar, type UnaryMethod } from "@virtmesh/proto";
+import { balloon, callUnary, guest, migration, probe, sidecar, type UnaryMethod } from "@virtmesh/proto";
+import { follow, formatReport, progressLine } from "./migrate";
 import { shutdownTelemetry, type OtlpReceiver } from "@virtmesh/telemetry";
 import { Stack } from "./stack";
 import { stackOptions } from "./commands";
@@ -87,6 +88,7 @@ export async function runDemo(v: Values, receiver: OtlpReceiver): Promise<number
     say(renderSpanTree(spans));
     say("");
     await workloads(snap.services, o.vms[0]!.vm, o.vms[0]!.host, say);
+    if (o.hosts.length > 1) await liveMigration(snap.services, mm.grpc, o.vms[0]!.vm, src, dst, receiver, say);
   } finally {
     process.off("SIGINT", onSignal);
     process.off("SIGTERM", onSignal);
@@ -149,5 +151,86 @@ async function workloads(services: Svc[], vm: string, host: string, say: (line: 
     g.close();
     b.close();
     m.close();
+  }
+}
+
+/**
+ * The story the product exists to tell: vm1 runs a verified fio and dirties memory on its
+ * vCPUs, its balloon is inflated, and it live-migrates from src to dst while all of that
+ * goes on; then the report, the integrity checks and the migration's trace.
+ */
+async function liveMigration(services: Svc[], mmAddr: string, vm: string, src: string, dst: string, receiver: OtlpReceiver, say: (line: string) => void): Promise<void> {
+  const at = (instance: string, host: string) => services.find((s) => s.instance === instance && s.host === host)!.grpc;
+  const g = new guest.GuestServiceClient(at(`guest-driver-${vm}`, src), credentials.createInsecure());
+  const gd = new guest.GuestServiceClient(at(`guest-driver-${vm}`, dst), credentials.createInsecure());
+  const b = new balloon.BalloonServiceClient(at("balloon-host", src), credentials.createInsecure());
+  const bd = new balloon.BalloonServiceClient(at("balloon-host", dst), credentials.createInsecure());
+  const mm = new migration.MigrationServiceClient(mmAddr, credentials.createInsecure());
+  try {
+    say("");
+    say(`live migration of ${vm}: ${src} -> ${dst}`);
+    const st = await call(g, g.getState, {});
+    const ws = 16 * MiB;
+    await call(g, g.startStress, { workingSetBytes: ws, dirtyRateBytesPerS: 32 * MiB, vcpus: 1 });
+    say(`  ${vm} dirties a ${ws / MiB} MiB working set at 32 MiB/s on a vCPU (QEMU migration-test's walk)`);
+    const balloonBytes = Math.floor(st.memoryBytes / 4 / MiB) * MiB;
+    await call(b, b.setTarget, { vm, targetBytes: balloonBytes });
+    const deadline = Date.now() + 30_000;
+    let inflated = await call(b, b.getStats, { vm });
+    while (inflated.actualPages < balloonBytes / 4096 && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 200));
+      inflated = await call(b, b.getStats, { vm });
+    }
+    say(`  balloon inflated to ${inflated.actualPages} pages (${((inflated.actualPages * 4096) / MiB).toFixed(0)} MiB): those pages are not sent`);
+    // A verified fio that starts on src and finishes on dst; the call follows the VM.
+    say(`  fio randrw 4k, iodepth 8, 6 s, verify crc32c runs across the migration`);
+    const fio = callUnary(g, g.runFio, { rw: "randrw", blockSize: 4096, iodepth: 8, numjobs: 1, sizeBytes: 8 * MiB, runtimeMs: 6000, verify: "crc32c", rwmixRead: 50, spinlock: "", pvSpinlock: "" }, 120_000);
+    fio.catch(() => undefined);
+    await new Promise((r) => setTimeout(r, 1000));
+    const started = await call(mm, mm.startMigration, {
+      vm,
+      sourceHost: src,
+      destinationHost: dst,
+      bandwidthBytesPerS: 512 * MiB,
+      downtimeLimitMs: 300,
+      autoConverge: true,
+      dirtyReporting: migration.DirtyReporting.DIRTY_REPORTING_PRECOPY,
+      skipBallooned: true,
+      freePageHinting: false,
+      maxTotalMs: 120_000,
+      throttleInitialPct: 0,
+      throttleIncrementPct: 0,
+      throttleMaxPct: 0,
+    });
+    let lastLine = "";
+    const final = await follow(mm, started.id, (s) => {
+      const l = progressLine(s);
+      if (l !== lastLine) say(`  ${l}`);
+      lastLine = l;
+    });
+    say("");
+    for (const l of formatReport(final).trimEnd().split("\n")) say(l);
+    if (final.phase !== migration.MigrationPhase.MIGRATION_PHASE_COMPLETED) throw new Error(`the migration ended ${migration.migrationPhaseToJSON(final.phase)}: ${final.error}`);
+    const f = await fio;
+    say(`  fio across the migration: ${f.readIos} reads, ${f.writeIos} writes, ${f.iops.toFixed(0)} IOPS, verify errors ${f.verifyErrors}`);
+    const v = await call(gd, gd.verifyStress, {});
+    say(`  the walk's pattern on ${dst}: ${v.pagesChecked} pages checked, ${v.mismatches} break it${v.firstMismatch ? ` (${v.firstMismatch})` : ""}`);
+    const bs = await call(bd, bd.getStats, { vm });
+    say(`  balloon on ${dst}: ${bs.actualPages} pages, target ${bs.targetPages}`);
+    await call(gd, gd.stopStress, {});
+    await call(bd, bd.setTarget, { vm, targetBytes: 0 });
+    if (f.verifyErrors !== 0 || v.mismatches !== 0 || !final.memoryMatch) throw new Error("an integrity check failed (see above)");
+    if (final.traceId) {
+      const names = ["migration-manager", "shm-sidecar", "vhost-worker", "completion-thread", "balloon-host", "guest-driver"];
+      const spans = await waitForTrace(receiver, final.traceId, names, 15_000);
+      const hosts = new Set(spans.map((x) => x.service));
+      say("");
+      say(`migration trace ${final.traceId} (${spans.length} spans from ${hosts.size} services on both hosts):`);
+      say(renderSpanTree(spans.filter((x) => !/^(ReceivePages|grpc\.health)/.test(x.name) || x.service.startsWith("shm-sidecar"))));
+      const jaeger = process.env.OTEL_EXPORTER_OTLP_ENDPOINT;
+      if (jaeger) say(`  in Jaeger: ${jaeger.replace(/:4318\/?$/, ":16686")}/trace/${final.traceId}`);
+    }
+  } finally {
+    for (const c of [g, gd, b, bd, mm]) c.close();
   }
 }

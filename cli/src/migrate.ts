@@ -191,7 +191,7 @@ async function withManager<T>(values: MigrateValues, fn: (c: migration.Migration
 }
 
 /** Follows a migration to its final phase: WatchMigration, GetMigration polls if the stream breaks. */
-async function follow(c: migration.MigrationServiceClient, id: string, onStatus: (s: Status) => void): Promise<Status> {
+export async function follow(c: migration.MigrationServiceClient, id: string, onStatus: (s: Status) => void): Promise<Status> {
   let last: Status | undefined;
   await new Promise<void>((resolve) => {
     const stream = c.watchMigration({ id }, new Metadata());
