@@ -6,6 +6,7 @@ import { shutdownTelemetry, type OtlpReceiver } from "@virtmesh/telemetry";
 import { Stack } from "./stack";
 import { stackOptions } from "./commands";
 import { waitForTrace, renderSpanTree } from "./demo";
+import type { ReceivedSpan } from "@virtmesh/telemetry";
 import type { Values } from "./main";
 
 const G = probe.Transport.TRANSPORT_GRPC;
@@ -202,12 +203,20 @@ async function liveMigration(services: Svc[], mmAddr: string, vm: string, src: s
       throttleIncrementPct: 0,
       throttleMaxPct: 0,
     });
-    let lastLine = "";
+    // One progress line a second (and at each phase change); on a terminal, redrawn in place.
+    const tty = process.stdout.isTTY === true;
+    let lastPhase = -1;
+    let lastAt = 0;
     const final = await follow(mm, started.id, (s) => {
-      const l = progressLine(s);
-      if (l !== lastLine) say(`  ${l}`);
-      lastLine = l;
+      const now = Date.now();
+      if (s.phase === lastPhase && now - lastAt < 1000) return;
+      const l = `  ${progressLine(s)}`;
+      if (tty) process.stdout.write(`\r\x1b[K${l}`);
+      else say(l);
+      lastPhase = s.phase;
+      lastAt = now;
     });
+    if (tty) process.stdout.write(`\r\x1b[K  ${progressLine(final)}\n`);
     say("");
     for (const l of formatReport(final).trimEnd().split("\n")) say(l);
     if (final.phase !== migration.MigrationPhase.MIGRATION_PHASE_COMPLETED) throw new Error(`the migration ended ${migration.migrationPhaseToJSON(final.phase)}: ${final.error}`);
@@ -226,11 +235,35 @@ async function liveMigration(services: Svc[], mmAddr: string, vm: string, src: s
       const hosts = new Set(spans.map((x) => x.service));
       say("");
       say(`migration trace ${final.traceId} (${spans.length} spans from ${hosts.size} services on both hosts):`);
-      say(renderSpanTree(spans.filter((x) => !/^(ReceivePages|grpc\.health)/.test(x.name) || x.service.startsWith("shm-sidecar"))));
-      const jaeger = process.env.OTEL_EXPORTER_OTLP_ENDPOINT;
-      if (jaeger) say(`  in Jaeger: ${jaeger.replace(/:4318\/?$/, ":16686")}/trace/${final.traceId}`);
+      say(renderSpanTree(fewRounds(spans)));
+      const jaeger = process.env.VIRTMESH_USER_OTLP_ENDPOINT;
+      if (jaeger) say(`  in Jaeger: ${jaeger.replace(/:4318\/?$/, ":16686")}/trace/${final.traceId} (the UI of the collector OTEL_EXPORTER_OTLP_ENDPOINT names)`);
+      else say("  set OTEL_EXPORTER_OTLP_ENDPOINT (e.g. Jaeger's http://localhost:4318) to see it in Jaeger");
     }
   } finally {
     for (const c of [g, gd, b, bd, mm]) c.close();
   }
+}
+
+/** The migration's span tree with the pre-copy rounds between the second and the last left out (a line says how many). */
+function fewRounds(spans: ReceivedSpan[]): ReceivedSpan[] {
+  const roundNo = (s: ReceivedSpan) => (/^round (\d+)$/.exec(s.name) ? Number(/^round (\d+)$/.exec(s.name)![1]) : -1);
+  const rounds = spans.filter((s) => roundNo(s) >= 0);
+  const last = Math.max(...rounds.map(roundNo), 0);
+  const drop = new Set(rounds.filter((s) => roundNo(s) > 1 && roundNo(s) < last).map((s) => s.spanId));
+  if (drop.size === 0) return spans;
+  // Children of a dropped round go too.
+  let grew = true;
+  while (grew) {
+    grew = false;
+    for (const s of spans) {
+      if (drop.has(s.spanId) || !drop.has(s.parentSpanId)) continue;
+      drop.add(s.spanId);
+      grew = true;
+    }
+  }
+  const kept = spans.filter((s) => !drop.has(s.spanId));
+  const first = rounds.find((s) => roundNo(s) === 1);
+  if (first) kept.push({ ...first, spanId: `${first.spanId}-more`, name: `... rounds 2..${last - 1} (${last - 2} of them) left out here`, startNs: first.endNs, endNs: first.endNs, attributes: {} });
+  return kept;
 }

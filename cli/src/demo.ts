@@ -9,7 +9,9 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 export async function demo(v: Values, _pos: string[]): Promise<number> {
   // Spans from every process come to this receiver (and on to the user's collector, if
   // OTEL_EXPORTER_OTLP_ENDPOINT is set), so the demo can print the trace it produced.
-  const receiver = new OtlpReceiver(process.env.OTEL_EXPORTER_OTLP_ENDPOINT || undefined);
+  const userCollector = process.env.OTEL_EXPORTER_OTLP_ENDPOINT || undefined;
+  if (userCollector) process.env.VIRTMESH_USER_OTLP_ENDPOINT = userCollector;
+  const receiver = new OtlpReceiver(userCollector);
   const url = await receiver.start();
   process.env.OTEL_EXPORTER_OTLP_ENDPOINT = url;
   process.env.OTEL_BSP_SCHEDULE_DELAY ??= "200";

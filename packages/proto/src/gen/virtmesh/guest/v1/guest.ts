@@ -198,6 +198,29 @@ export interface FreePageHint {
   bitmap: Buffer;
 }
 
+/**
+ * The guest gives a small emulated device a DMA region: pages from its allocator, mapped
+ * through the host sidecar's VFIO type1 container (MAP_DMA) and pinned, as vfio_pin_pages
+ * does for a mediated device. The device writes into them while the guest runs; nothing
+ * logs those writes, which is why the container reports pinned pages as always dirty.
+ */
+export interface DmaDeviceRequest {
+  /** multiple of 4096; 0 detaches the device */
+  regionBytes: number;
+  /** the device's DMA writes into the region; 0: 1 MiB/s */
+  writeRateBytesPerS: number;
+}
+
+export interface DmaDeviceStatus {
+  attached: boolean;
+  iova: number;
+  guestAddr: number;
+  regionBytes: number;
+  pinnedPages: number;
+  /** page writes the device made */
+  dmaWrites: number;
+}
+
 export interface SaveStateRequest {
   /**
    * Measure only: serialize the state of a running guest without stopping anything, to
@@ -1867,6 +1890,264 @@ export const FreePageHint: MessageFns<FreePageHint> = {
   },
 };
 
+function createBaseDmaDeviceRequest(): DmaDeviceRequest {
+  return { regionBytes: 0, writeRateBytesPerS: 0 };
+}
+
+export const DmaDeviceRequest: MessageFns<DmaDeviceRequest> = {
+  encode(message: DmaDeviceRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.regionBytes !== 0) {
+      writer.uint32(8).uint64(message.regionBytes);
+    }
+    if (message.writeRateBytesPerS !== 0) {
+      writer.uint32(16).uint64(message.writeRateBytesPerS);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DmaDeviceRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDmaDeviceRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.regionBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.writeRateBytesPerS = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DmaDeviceRequest {
+    return {
+      regionBytes: isSet(object.regionBytes)
+        ? globalThis.Number(object.regionBytes)
+        : isSet(object.region_bytes)
+        ? globalThis.Number(object.region_bytes)
+        : 0,
+      writeRateBytesPerS: isSet(object.writeRateBytesPerS)
+        ? globalThis.Number(object.writeRateBytesPerS)
+        : isSet(object.write_rate_bytes_per_s)
+        ? globalThis.Number(object.write_rate_bytes_per_s)
+        : 0,
+    };
+  },
+
+  toJSON(message: DmaDeviceRequest): unknown {
+    const obj: any = {};
+    if (message.regionBytes !== 0) {
+      obj.regionBytes = Math.round(message.regionBytes);
+    }
+    if (message.writeRateBytesPerS !== 0) {
+      obj.writeRateBytesPerS = Math.round(message.writeRateBytesPerS);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DmaDeviceRequest>): DmaDeviceRequest {
+    return DmaDeviceRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DmaDeviceRequest>): DmaDeviceRequest {
+    const message = createBaseDmaDeviceRequest();
+    message.regionBytes = object.regionBytes ?? 0;
+    message.writeRateBytesPerS = object.writeRateBytesPerS ?? 0;
+    return message;
+  },
+};
+
+function createBaseDmaDeviceStatus(): DmaDeviceStatus {
+  return { attached: false, iova: 0, guestAddr: 0, regionBytes: 0, pinnedPages: 0, dmaWrites: 0 };
+}
+
+export const DmaDeviceStatus: MessageFns<DmaDeviceStatus> = {
+  encode(message: DmaDeviceStatus, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.attached !== false) {
+      writer.uint32(8).bool(message.attached);
+    }
+    if (message.iova !== 0) {
+      writer.uint32(16).uint64(message.iova);
+    }
+    if (message.guestAddr !== 0) {
+      writer.uint32(24).uint64(message.guestAddr);
+    }
+    if (message.regionBytes !== 0) {
+      writer.uint32(32).uint64(message.regionBytes);
+    }
+    if (message.pinnedPages !== 0) {
+      writer.uint32(40).uint32(message.pinnedPages);
+    }
+    if (message.dmaWrites !== 0) {
+      writer.uint32(48).uint64(message.dmaWrites);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DmaDeviceStatus {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDmaDeviceStatus();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.attached = reader.bool();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.iova = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.guestAddr = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.regionBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.pinnedPages = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.dmaWrites = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DmaDeviceStatus {
+    return {
+      attached: isSet(object.attached) ? globalThis.Boolean(object.attached) : false,
+      iova: isSet(object.iova) ? globalThis.Number(object.iova) : 0,
+      guestAddr: isSet(object.guestAddr)
+        ? globalThis.Number(object.guestAddr)
+        : isSet(object.guest_addr)
+        ? globalThis.Number(object.guest_addr)
+        : 0,
+      regionBytes: isSet(object.regionBytes)
+        ? globalThis.Number(object.regionBytes)
+        : isSet(object.region_bytes)
+        ? globalThis.Number(object.region_bytes)
+        : 0,
+      pinnedPages: isSet(object.pinnedPages)
+        ? globalThis.Number(object.pinnedPages)
+        : isSet(object.pinned_pages)
+        ? globalThis.Number(object.pinned_pages)
+        : 0,
+      dmaWrites: isSet(object.dmaWrites)
+        ? globalThis.Number(object.dmaWrites)
+        : isSet(object.dma_writes)
+        ? globalThis.Number(object.dma_writes)
+        : 0,
+    };
+  },
+
+  toJSON(message: DmaDeviceStatus): unknown {
+    const obj: any = {};
+    if (message.attached !== false) {
+      obj.attached = message.attached;
+    }
+    if (message.iova !== 0) {
+      obj.iova = Math.round(message.iova);
+    }
+    if (message.guestAddr !== 0) {
+      obj.guestAddr = Math.round(message.guestAddr);
+    }
+    if (message.regionBytes !== 0) {
+      obj.regionBytes = Math.round(message.regionBytes);
+    }
+    if (message.pinnedPages !== 0) {
+      obj.pinnedPages = Math.round(message.pinnedPages);
+    }
+    if (message.dmaWrites !== 0) {
+      obj.dmaWrites = Math.round(message.dmaWrites);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DmaDeviceStatus>): DmaDeviceStatus {
+    return DmaDeviceStatus.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DmaDeviceStatus>): DmaDeviceStatus {
+    const message = createBaseDmaDeviceStatus();
+    message.attached = object.attached ?? false;
+    message.iova = object.iova ?? 0;
+    message.guestAddr = object.guestAddr ?? 0;
+    message.regionBytes = object.regionBytes ?? 0;
+    message.pinnedPages = object.pinnedPages ?? 0;
+    message.dmaWrites = object.dmaWrites ?? 0;
+    return message;
+  },
+};
+
 function createBaseSaveStateRequest(): SaveStateRequest {
   return { dryRun: false };
 }
@@ -2370,6 +2651,24 @@ export const GuestServiceService = {
     responseSerialize: (value: FreePageHint): Buffer => Buffer.from(FreePageHint.encode(value).finish()),
     responseDeserialize: (value: Buffer): FreePageHint => FreePageHint.decode(value),
   },
+  setDmaDevice: {
+    path: "/virtmesh.guest.v1.GuestService/SetDmaDevice" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: DmaDeviceRequest): Buffer => Buffer.from(DmaDeviceRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): DmaDeviceRequest => DmaDeviceRequest.decode(value),
+    responseSerialize: (value: DmaDeviceStatus): Buffer => Buffer.from(DmaDeviceStatus.encode(value).finish()),
+    responseDeserialize: (value: Buffer): DmaDeviceStatus => DmaDeviceStatus.decode(value),
+  },
+  getDmaDevice: {
+    path: "/virtmesh.guest.v1.GuestService/GetDmaDevice" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: Empty): Buffer => Buffer.from(Empty.encode(value).finish()),
+    requestDeserialize: (value: Buffer): Empty => Empty.decode(value),
+    responseSerialize: (value: DmaDeviceStatus): Buffer => Buffer.from(DmaDeviceStatus.encode(value).finish()),
+    responseDeserialize: (value: Buffer): DmaDeviceStatus => DmaDeviceStatus.decode(value),
+  },
   /**
    * Source: Pause (vCPUs stop), then SaveState (rings stopped with GET_VRING_BASE, in-flight
    * I/O completed, devices saved); after the destination resumed, Release (the VM's
@@ -2443,6 +2742,8 @@ export interface GuestServiceServer extends UntypedServiceImplementation {
   verifyStress: handleUnaryCall<Empty, StressVerifyResult>;
   setThrottle: handleUnaryCall<ThrottleRequest, GuestState>;
   getFreePageHint: handleUnaryCall<Empty, FreePageHint>;
+  setDmaDevice: handleUnaryCall<DmaDeviceRequest, DmaDeviceStatus>;
+  getDmaDevice: handleUnaryCall<Empty, DmaDeviceStatus>;
   /**
    * Source: Pause (vCPUs stop), then SaveState (rings stopped with GET_VRING_BASE, in-flight
    * I/O completed, devices saved); after the destination resumed, Release (the VM's
@@ -2597,6 +2898,36 @@ export interface GuestServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: FreePageHint) => void,
+  ): ClientUnaryCall;
+  setDmaDevice(
+    request: DmaDeviceRequest,
+    callback: (error: ServiceError | null, response: DmaDeviceStatus) => void,
+  ): ClientUnaryCall;
+  setDmaDevice(
+    request: DmaDeviceRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: DmaDeviceStatus) => void,
+  ): ClientUnaryCall;
+  setDmaDevice(
+    request: DmaDeviceRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: DmaDeviceStatus) => void,
+  ): ClientUnaryCall;
+  getDmaDevice(
+    request: Empty,
+    callback: (error: ServiceError | null, response: DmaDeviceStatus) => void,
+  ): ClientUnaryCall;
+  getDmaDevice(
+    request: Empty,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: DmaDeviceStatus) => void,
+  ): ClientUnaryCall;
+  getDmaDevice(
+    request: Empty,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: DmaDeviceStatus) => void,
   ): ClientUnaryCall;
   /**
    * Source: Pause (vCPUs stop), then SaveState (rings stopped with GET_VRING_BASE, in-flight
