@@ -14,6 +14,17 @@ export default tseslint.config(
       // The CLI loads command modules lazily with require() so that OpenTelemetry can be
       // started before @grpc/grpc-js is first required.
       "@typescript-eslint/no-require-imports": "off",
+      // Workspaces meet through their package names (@virtmesh/x), never by reaching into
+      // another workspace's src/ by relative path (CONTRIBUTING.md, Layout).
+      "no-restricted-imports": ["error", { patterns: [{ regex: "^(\\.\\./)+([^./][^/]*/)+src(/|$)", message: "import another workspace by its package name (@virtmesh/...), not by a relative path into its src/" }] }],
+    },
+  },
+  {
+    // e2e drives the product through the root package's launcher and CLI (cli/src), but
+    // reaches services and libraries only by package name, and no bench's internals.
+    files: ["e2e/**"],
+    rules: {
+      "no-restricted-imports": ["error", { patterns: [{ regex: "^\\.\\./(services|packages)/|^\\.\\./cli/src/bench-", message: "e2e imports services and libraries by package name (@virtmesh/...), and no bench's internals" }] }],
     },
   },
 );

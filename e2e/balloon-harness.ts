@@ -12,7 +12,7 @@ import { connectNats, Registry, startNatsServer, type NatsServerHandle } from "@
 import { balloon, sidecar } from "@virtmesh/proto";
 import { mapFile, type SharedMapping } from "@virtmesh/shm";
 import { GuestMemory } from "@virtmesh/virtqueue";
-import { balloonQueueSpecs, createGuestAllocator } from "../services/guest-driver/src/balloon";
+import { balloonQueueSpecs, createGuestAllocator } from "@virtmesh/svc-guest-driver/balloon";
 import { ROOT } from "./helpers";
 
 type Unary<Req, Res> = (req: Req, md: Metadata, opts: { deadline: number }, cb: (e: ServiceError | null, r?: Res) => void) => unknown;

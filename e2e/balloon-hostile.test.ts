@@ -21,7 +21,7 @@ import {
 } from "@virtmesh/balloon";
 import { Doorbell } from "@virtmesh/shm";
 import { DriverQueue } from "@virtmesh/virtqueue";
-import { GuestBalloonConfig, BALLOON_QUEUE_INDEX } from "../services/guest-driver/src/balloon";
+import { GuestBalloonConfig, BALLOON_QUEUE_INDEX } from "@virtmesh/svc-guest-driver/balloon";
 import { BalloonStack, call, touchRam, waitFor, type Guest } from "./balloon-harness";
 
 const MIB = 1 << 20;

@@ -15,7 +15,7 @@ import { status as Status, type ServiceError } from "@grpc/grpc-js";
 import { PAGE_SIZE, VIRTIO_BALLOON_F_DEFLATE_ON_OOM, VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_PAGE_BITMAP, VIRTIO_BALLOON_F_STATS_VQ, featureBit } from "@virtmesh/balloon";
 import { balloon } from "@virtmesh/proto";
 import { mapFile, type SharedMapping } from "@virtmesh/shm";
-import { balloonQueueSpecs, startGuestBalloon, type GuestBalloon } from "../services/guest-driver/src/balloon";
+import { balloonQueueSpecs, startGuestBalloon, type GuestBalloon } from "@virtmesh/svc-guest-driver/balloon";
 import { BalloonStack, assertNear, call, touchRam, waitFor, type Guest } from "./balloon-harness";
 
 const MIB = 1 << 20;

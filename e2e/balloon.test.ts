@@ -22,9 +22,10 @@ import {
   featureBit,
 } from "@virtmesh/balloon";
 import { balloon } from "@virtmesh/proto";
-import * as hostCfg from "../services/balloon-host/src/config-page";
-import * as guestCfg from "../services/guest-driver/src/balloon/config-page";
-import { startGuestBalloon, type GuestBalloon } from "../services/guest-driver/src/balloon";
+// The config page is the device's ABI, one module for both sides.
+import * as hostCfg from "@virtmesh/balloon";
+import * as guestCfg from "@virtmesh/balloon";
+import { startGuestBalloon, type GuestBalloon } from "@virtmesh/svc-guest-driver/balloon";
 import { run } from "./helpers";
 import { BalloonStack, assertNear, bit, call, popcountBytes, touchRam, waitFor, type Guest } from "./balloon-harness";
 

@@ -8,7 +8,7 @@
 // O_DSYNC): dm-ioband divides a saturated device, and the page cache never saturates.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { IobandLiveStack } from "../cli/src/bench-ioband/live";
+import { IobandLiveStack } from "../cli/src/ioband-stack";
 
 const VMS = ["vm1", "vm2", "vm3"];
 const BS = 65536;

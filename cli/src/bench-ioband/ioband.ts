@@ -8,7 +8,7 @@
 // device; through the page cache the guests, not the device, are the bottleneck and
 // every VM gets what it asks for (measured in the params' note below, not assumed).
 import { machineInfo, type BenchResult, type BenchRow } from "@virtmesh/bench";
-import { IobandLiveStack } from "./live";
+import { IobandLiveStack } from "../ioband-stack";
 
 const MIB = 1024 * 1024;
 const KIB = 1024;

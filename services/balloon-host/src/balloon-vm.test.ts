@@ -11,7 +11,7 @@ import { PAGE_SIZE, VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_PAGE_BITMA
 import { balloon, type sidecar } from "@virtmesh/proto";
 import { Doorbell, mapFile, type SharedMapping } from "@virtmesh/shm";
 import { GuestMemory, splitQueueLayout } from "@virtmesh/virtqueue";
-import { BalloonRequestRefused, balloonQueueSpecs, createGuestAllocator, startGuestBalloon, type GuestBalloon } from "../../guest-driver/src/balloon";
+import { BalloonRequestRefused, balloonQueueSpecs, createGuestAllocator, startGuestBalloon, type GuestBalloon } from "@virtmesh/svc-guest-driver/balloon";
 import { BalloonVm, type Refusal } from "./balloon-vm";
 
 const MEM = 8 << 20;

@@ -9,9 +9,9 @@ import { join, resolve } from "node:path";
 import { randomBytes } from "node:crypto";
 import { credentials } from "@grpc/grpc-js";
 import { callUnary, guest, ioband, type UnaryMethod } from "@virtmesh/proto";
-import { Stack } from "../stack";
+import { Stack } from "./stack";
 
-const ROOT = resolve(__dirname, "..", "..", "..");
+const ROOT = resolve(__dirname, "..", "..");
 const HOST = "h1";
 
 export interface IobandLiveStackOptions {
