@@ -3,11 +3,12 @@
 // fresh, or rebuilt from a migrated state (LoadState) and then paused.
 import { status as Status } from "@grpc/grpc-js";
 import type { BuddyAllocator } from "@virtmesh/balloon";
-import { balloon as balloonApi, callUnary } from "@virtmesh/proto";
+import { balloon as balloonApi, callUnary, sidecar } from "@virtmesh/proto";
 import { GrpcError, type ServiceContext } from "@virtmesh/runtime";
 import { VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID } from "@virtmesh/virtio-blk";
 import { createGuestAllocator, startGuestBalloon, type GuestBalloon, type GuestBalloonState } from "./balloon";
 import { asBuffer, attachBlk, bootBlk, type BlkConfig, type BlkDevice } from "./boot";
+import { DmaDevice, S_DMA_DEVICE, sidecarIommu } from "./dma-device";
 import { parseJsonSection, need, S_BALLOON_DEVICE, S_BLK_DEVICE, S_GUEST, S_KERNEL, S_WORKLOADS, EnvelopeError, type GuestSection, type Sections } from "./migrate";
 import type { WorkingSet } from "./working-set";
 
@@ -20,6 +21,8 @@ export interface GuestVm {
   balloon: GuestBalloon | null;
   serial: string;
   workingSet: WorkingSet | null;
+  /** The assigned device with pinned pages (SetDmaDevice), if any. */
+  dma: DmaDevice | null;
 }
 
 type Ctx = ServiceContext;
@@ -57,7 +60,7 @@ export async function bootGuestVm(ctx: Ctx, vm: string, cfg: BlkConfig): Promise
   const id = await control(VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_ID_BYTES);
   const at = blk.dataBase + (blk.slots - 1) * cfg.maxBs;
   const serial = id.status === VIRTIO_BLK_S_OK ? Buffer.from(blk.mem.bytes.subarray(at, at + VIRTIO_BLK_ID_BYTES)).toString("latin1").replace(/\0+$/, "") : "";
-  return { blk, allocator, balloon, serial, workingSet: null };
+  return { blk, allocator, balloon, serial, workingSet: null, dma: null };
 }
 
 /**
@@ -75,6 +78,9 @@ export async function loadGuestVm(ctx: Ctx, vm: string, cfg: BlkConfig, sections
   try {
     const allocator = allocatorFor(blk, true);
     routeCompletions(blk);
+    // The assigned device's region, mapped and pinned again in this host's container; it runs from Resume.
+    const dmaState = sections.get(S_DMA_DEVICE);
+    const dma = dmaState ? await DmaDevice.load(vm, sidecarIommu(await ctx.client(ctx.config.host, "shm-sidecar", sidecar.SharedMemoryServiceClient)), blk.mem.bytes, dmaState) : null;
     const bc = await ctx.client(ctx.config.host, "balloon-host", balloonApi.BalloonServiceClient);
     const attach = await callUnary(bc, bc.loadState, { vm, state: asBuffer(balloonDevice) });
     const balloon = await startGuestBalloon({ ctx, vm, memory: blk.mem, allocator, layout: blk.layout, resume: { attach, saved: balloonGuestState(g) } });
@@ -87,7 +93,7 @@ export async function loadGuestVm(ctx: Ctx, vm: string, cfg: BlkConfig, sections
       const unpark = () => blk.driver.unpark();
       run.done.then(unpark, unpark);
     }
-    return { blk, allocator, balloon, serial: g.serial, workingSet: g.workingSet };
+    return { blk, allocator, balloon, serial: g.serial, workingSet: g.workingSet, dma };
   } catch (e) {
     await blk.release().catch(() => undefined);
     throw e;

@@ -12,10 +12,11 @@ import { GrpcError, unary, type ServiceContext, type ServiceHooks } from "@virtm
 import { asBuffer, BLK_DEVICE, blkConfig, type BlkConfig } from "./boot";
 import { FioRunner } from "./fio-rpc";
 import { bootGuestVm, loadGuestVm, restartBalloon, type GuestVm } from "./guest-vm";
-import type { StressSnapshot } from "./vcpus";
+import { GuestVcpus, type StressSnapshot } from "./vcpus";
 import type { GuestBalloonState } from "./balloon";
 import { decodeEnvelope, encodeEnvelope, EnvelopeError, jsonSection, S_BALLOON_DEVICE, S_BLK_DEVICE, S_GUEST, S_KERNEL, S_WORKLOADS, type GuestSection, type Sections } from "./migrate";
 import { allocWorkingSet, freePageHint, freeWorkingSet } from "./working-set";
+import { checkDmaRequest, DmaDevice, encodeDmaState, noDmaDevice, S_DMA_DEVICE, sidecarIommu } from "./dma-device";
 
 const R = guest.RunState;
 
@@ -25,6 +26,9 @@ interface Stopped {
   balloonDevice?: Uint8Array;
   balloonGuest?: GuestBalloonState;
 }
+
+/** Warm vCPU threads an incoming guest keeps (a migrated VM with more busy vCPUs starts the rest cold). */
+const WARM_VCPUS = 3;
 
 export async function setupGuestDriver(ctx: ServiceContext, vm: string): Promise<ServiceHooks> {
   const cfg: BlkConfig = blkConfig(process.env, vm);
@@ -101,6 +105,8 @@ export async function setupGuestDriver(ctx: ServiceContext, vm: string): Promise
     stopped = null;
     const c = await clients();
     if (old) {
+      // The assigned device stops; its pins and mapping go before the sidecar's VM does.
+      await old.dma?.release().catch((e: Error) => ctx.logger.warn(`DMA device release: ${e.message}`));
       await old.balloon?.stop();
       await old.blk.release();
     } else {
@@ -140,6 +146,7 @@ export async function setupGuestDriver(ctx: ServiceContext, vm: string): Promise
     out.set(S_GUEST, jsonSection(section));
     // The guest kernel's memory (queue driver state, request maps, mailboxes): a copy.
     out.set(S_KERNEL, new Uint8Array(v.blk.vcpus.kernel.sab.slice(0)));
+    if (v.dma) out.set(S_DMA_DEVICE, encodeDmaState(v.dma.save()));
     if (full) out.set(S_WORKLOADS, await v.blk.vcpus.saveWorkloads());
   };
 
@@ -205,6 +212,7 @@ export async function setupGuestDriver(ctx: ServiceContext, vm: string): Promise
     // The boot CPU checks the used ring at once (completions that arrived while paused).
     v.blk.driver.thaw();
     v.blk.vcpus.resume();
+    v.dma?.start();
     incomingLoaded = false;
     return setState(R.RUN_STATE_RUNNING);
   };
@@ -236,6 +244,8 @@ export async function setupGuestDriver(ctx: ServiceContext, vm: string): Promise
         const v = vmIn(R.RUN_STATE_RUNNING);
         // Every vCPU parks between two steps; the boot CPU takes no interrupt.
         await v.blk.vcpus.pause();
+        // The assigned device is quiesced too: no DMA write after Pause (stop-and-copy).
+        v.dma?.pause();
         v.blk.driver.freeze();
         return setState(R.RUN_STATE_PAUSED);
       }),
@@ -304,6 +314,7 @@ export async function setupGuestDriver(ctx: ServiceContext, vm: string): Promise
         await g?.blk.vcpus.dropWorkloads();
         await dropVm();
         ctx.logger.info({ vm, destination: req.destinationHost }, "VM released after migration: waiting for an incoming one");
+        warmVcpus();
         return setState(R.RUN_STATE_INCOMING, false);
       }),
     ),
@@ -315,14 +326,40 @@ export async function setupGuestDriver(ctx: ServiceContext, vm: string): Promise
         }
         await dropVm();
         incomingLoaded = false;
+        warmVcpus();
         return setState(R.RUN_STATE_INCOMING, false);
       }),
     ),
+    setDmaDevice: unary((req: guest.DmaDeviceRequest) =>
+      serial(async () => {
+        const v = vmIn(R.RUN_STATE_RUNNING);
+        if (req.regionBytes === 0) {
+          const d = v.dma;
+          if (!d) return noDmaDevice();
+          v.dma = null;
+          await d.detach(v.allocator);
+          return { ...noDmaDevice(), dmaWrites: d.dmaWrites };
+        }
+        const rate = checkDmaRequest(req, v.blk.layout.reservedAddr);
+        if (v.dma) throw new GrpcError(Status.FAILED_PRECONDITION, `a DMA device is already attached (${v.dma.regionBytes} bytes at iova 0x${v.dma.iova.toString(16)}): detach it first (region_bytes 0)`);
+        // The manager decides at setup whether the container is tracked (IommuInfo mappings): a device attached later would go unseen.
+        if (v.blk.mem.vcpu.dirtyLog?.enabled) throw new GrpcError(Status.FAILED_PRECONDITION, `${vm} is migrating (dirty logging on): attach the DMA device before or after the migration`);
+        const { sc } = await clients();
+        const d = await DmaDevice.attach({ vm, iommu: sidecarIommu(sc), mem: v.blk.mem.bytes, allocator: v.allocator, regionBytes: req.regionBytes, writeRateBytesPerS: rate });
+        v.dma = d;
+        d.start();
+        return d.status();
+      }),
+    ),
+    getDmaDevice: unary(() => vmIn(R.RUN_STATE_RUNNING, R.RUN_STATE_PAUSED).dma?.status() ?? noDmaDevice()),
     awaitFio: unary((req: guest.AwaitFioRequest) => fio.awaitMigrated(vmIn(R.RUN_STATE_RUNNING, R.RUN_STATE_PAUSED), req.run)),
   });
 
+  // An incoming guest keeps warm vCPU threads, so a migrated VM's vCPUs start within the downtime.
+  const warmVcpus = (): void => GuestVcpus.warm(Math.min(cfg.vcpus, WARM_VCPUS));
   if (incomingMode === "1") {
     ctx.logger.info({ vm }, "incoming mode: no VM created, waiting for a migration");
+    warmVcpus();
   } else {
     g = await bootGuestVm(ctx, vm, cfg);
     ctx.meta.blkSerial = g.serial;
@@ -336,15 +373,18 @@ export async function setupGuestDriver(ctx: ServiceContext, vm: string): Promise
       // A running fio stops issuing, drains what it has in flight and answers ABORTED
       // while the server still lets calls in flight finish.
       state = R.RUN_STATE_STOPPED;
+      g?.dma?.pause();
       g?.blk.vcpus.abandon();
     },
     async stop() {
       state = R.RUN_STATE_STOPPED;
       dirtySub.unsubscribe();
+      await GuestVcpus.coolDown();
       const v = g;
       g = null;
       if (!v) return;
       v.blk.vcpus.abandon();
+      await v.dma?.release().catch(quiet);
       v.blk.driver.thaw();
       await v.balloon?.stop();
       await v.blk.shutdown();

@@ -25,7 +25,8 @@ import { CTL_STOP, GuestKernel, MAILBOX_EMPTY, hasCompletion, pollCompletion, po
 import { StressWalker } from "./stress";
 import type { SpinlockConfig, VcpuBoot, VcpuCommand, VcpuReply, VcpuWorkloadState } from "./vcpu-protocol";
 
-const boot = workerData as VcpuBoot;
+// A warm vCPU (GuestVcpus.warm) gets its boot data by message after it loaded this code's modules.
+const boot = ((globalThis as { __virtmeshVcpuBoot?: VcpuBoot }).__virtmeshVcpuBoot ?? workerData) as VcpuBoot;
 const port = parentPort!;
 const cpu = boot.cpu;
 const kernel = new GuestKernel(boot.geom, boot.kernelSab);

@@ -335,3 +335,16 @@ test("a fio run with verify, paused mid-flight, saved, restored on another Guest
     g.boot = saveBoot;
   }
 });
+
+test("warm vCPU threads (an incoming guest's) are adopted by the next GuestVcpus and run its workloads", async () => {
+  GuestVcpus.warm(2);
+  const v = newVcpus(g.kernel);
+  g.mem.bytes.fill(0, WS.addr, WS.addr + WS.bytes);
+  await v.startStress({ ...WS, rateBytesPerS: 0 });
+  await until("a pass on warm vCPUs", () => v.stressStatus().passes >= 1);
+  const s = await v.stopStress();
+  assert.ok(s.pagesWritten >= PAGES);
+  assert.equal(v.verifyStress(g.mem.bytes).mismatches, 0);
+  await v.close();
+  await GuestVcpus.coolDown();
+});

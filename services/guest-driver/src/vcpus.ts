@@ -22,6 +22,34 @@ export type { StressParams, StressSnapshot, StressVerifyResult } from "./stress"
 const WORKER_FILE = join(__dirname, "vcpu-worker.ts");
 // tsx registers itself per thread: a worker loads it before the .ts entry.
 const BOOTSTRAP = `require(${JSON.stringify(require.resolve("tsx/cjs"))}); require(${JSON.stringify(WORKER_FILE)});`;
+// A warm vCPU thread: tsx and the vCPU code's modules loaded, waiting for its boot data
+// (then it runs vcpu-worker.ts as a fresh one would). An incoming guest keeps a few ready,
+// so a migrated VM's vCPUs come up within the downtime without loading any code.
+const WARM_MODULES = ["@virtmesh/qspinlock", "@virtmesh/shm", "@virtmesh/virtio-blk", "@virtmesh/virtqueue", join(__dirname, "blk.ts"), join(__dirname, "fio.ts"), join(__dirname, "kernel.ts"), join(__dirname, "stress.ts")];
+const WARM_BOOTSTRAP =
+  `require(${JSON.stringify(require.resolve("tsx/cjs"))});` +
+  WARM_MODULES.map((m) => `require(${JSON.stringify(m)});`).join("") +
+  `require("node:worker_threads").parentPort.once("message", (m) => { globalThis.__virtmeshVcpuBoot = m.boot; require(${JSON.stringify(WORKER_FILE)}); });` +
+  `require("node:worker_threads").parentPort.postMessage({ type: "warm" });`;
+
+/** Warm vCPU threads of this process, waiting to be adopted by the next GuestVcpus. */
+const warmPool: { worker: Worker; ready: Promise<void> }[] = [];
+
+function spawnWarm(): void {
+  const worker = new Worker(WARM_BOOTSTRAP, { eval: true });
+  const ready = new Promise<void>((resolve, reject) => {
+    worker.once("message", () => resolve());
+    worker.once("error", reject);
+  });
+  ready.catch(() => undefined);
+  // Idle warm threads never keep the process alive.
+  worker.unref();
+  worker.once("exit", () => {
+    const i = warmPool.findIndex((x) => x.worker === worker);
+    if (i >= 0) warmPool.splice(i, 1);
+  });
+  warmPool.push({ worker, ready });
+}
 
 export interface VcpuRunResult {
   partials: FioPartial[];
@@ -81,6 +109,16 @@ interface Waiter {
 }
 
 export class GuestVcpus {
+  /** Keeps `n` warm vCPU threads ready in this process (an incoming guest's, before its VM arrives). */
+  static warm(n: number): void {
+    while (warmPool.length < n) spawnWarm();
+  }
+
+  /** Ends the warm vCPU threads (shutdown). */
+  static async coolDown(): Promise<void> {
+    await Promise.all(warmPool.splice(0).map((x) => x.worker.terminate()));
+  }
+
   private readonly workers = new Map<number, Worker>();
   private readonly starting = new Map<number, Promise<void>>();
   private pending: Pending | null = null;
@@ -136,7 +174,13 @@ export class GuestVcpus {
     if (have) return have;
     const p = new Promise<void>((resolve, reject) => {
       const data: VcpuBoot = { ...this.boot, cpu };
-      const w = new Worker(BOOTSTRAP, { eval: true, workerData: data });
+      const warm = warmPool.shift();
+      let w: Worker;
+      if (warm) {
+        w = warm.worker;
+        w.ref();
+        w.postMessage({ boot: data });
+      } else w = new Worker(BOOTSTRAP, { eval: true, workerData: data });
       this.workers.set(cpu, w);
       w.on("message", (m: VcpuReply) => {
         if (m.type === "ready") return resolve();
