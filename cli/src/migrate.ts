@@ -158,7 +158,7 @@ export function formatReport(s: Status): string {
     }
   }
   const ck = s.sourceChecksum || s.destinationChecksum;
-  lines.push(`  integrity    ${ck ? (s.memoryMatch ? `memory checksums match (sha256 ${s.sourceChecksum.slice(0, 16)}…)` : `memory checksums DIFFER (source ${s.sourceChecksum.slice(0, 16)}…, destination ${s.destinationChecksum.slice(0, 16)}…)`) : "not checked (no switchover)"}`);
+  lines.push(`  integrity    ${ck ? (s.memoryMatch ? `memory checksums match (${s.sourceChecksum})` : `memory checksums DIFFER (source ${s.sourceChecksum}, destination ${s.destinationChecksum})`) : "not checked (no switchover)"}`);
   lines.push(`  trace        ${s.traceId || "-"}`);
   return lines.join("\n") + "\n";
 }

@@ -5,6 +5,7 @@ export {
   MAX_MAPPING_BYTES,
   PAGE_SIZE,
   SharedMapping,
+  crc32c,
   mapFile,
 } from "./shm";
 export type { DoorbellCounters, MapFileOptions, SpinOptions, SpinSyncOptions } from "./shm";

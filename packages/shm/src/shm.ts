@@ -43,9 +43,21 @@ interface NativeAddon {
   Mapping: new (path: string, size: number, create: boolean, mode: number) => NativeMapping;
   FutexWord: new (mapping: NativeMapping, byteOffset: number, onWake: (status: number) => void) => NativeFutexWord;
   pageSize: number;
+  crc32c(data: ArrayBufferLike | ArrayBufferView, offset: number, length: number, seed: number): number;
 }
 
 const addon = createRequire(__filename)(join(__dirname, "..", "build", "Release", "virtmesh_shm.node")) as NativeAddon;
+
+/**
+ * crc32c (Castagnoli, RFC 3720) of data[offset, offset + length), continuing from `seed`
+ * (the crc of what came before; 0 to start): native, with SSE4.2's crc32 where the CPU
+ * has it. For digests of guest memory (the migration's switchover check), not for hot paths
+ * that can do without a native call per buffer.
+ */
+export function crc32c(data: ArrayBufferLike | ArrayBufferView, offset = 0, length?: number, seed = 0): number {
+  const size = data instanceof ArrayBuffer || data instanceof SharedArrayBuffer ? data.byteLength : (data as ArrayBufferView).byteLength;
+  return addon.crc32c(data, offset, length ?? size - offset, seed >>> 0);
+}
 
 /** The host page size: releaseRange() works in whole pages. */
 export const PAGE_SIZE: number = addon.pageSize;

@@ -92,7 +92,7 @@ class World {
       h.update(Uint8Array.of(p & 0xff, mem[p]!));
       pages++;
     }
-    return { sha256: h.digest("hex"), pages, zeroPages: 0 };
+    return { digest: h.digest("hex"), pages, zeroPages: 0 };
   }
 
   sidecar(side: "src" | "dst"): SidecarCalls {

@@ -597,12 +597,12 @@ export class MigrationRun {
         this.call(`ChecksumMemory(${vm}) on shm-sidecar@${srcHost}`, this.src.checksumMemory({ vm, excludeBitmap: this.skipBitmap })),
         this.call(`ChecksumMemory(${vm}) on shm-sidecar@${dstHost}`, this.dst.checksumMemory({ vm, excludeBitmap: this.skipBitmap })),
       ]);
-      this.c.sourceChecksum = a.sha256;
-      this.c.destinationChecksum = b.sha256;
-      this.c.memoryMatch = a.sha256 === b.sha256 && a.pages === b.pages;
-      span.setAttributes({ "migration.source_checksum": a.sha256, "migration.destination_checksum": b.sha256, "migration.memory_match": this.c.memoryMatch, "migration.pages": a.pages });
+      this.c.sourceChecksum = a.digest;
+      this.c.destinationChecksum = b.digest;
+      this.c.memoryMatch = a.digest === b.digest && a.pages === b.pages;
+      span.setAttributes({ "migration.source_checksum": a.digest, "migration.destination_checksum": b.digest, "migration.memory_match": this.c.memoryMatch, "migration.pages": a.pages });
       if (!this.c.memoryMatch) {
-        throw new StepFailed(`guest memory differs after the final round: source sha256 ${a.sha256} over ${a.pages} pages, destination ${b.sha256} over ${b.pages} pages`);
+        throw new StepFailed(`guest memory differs after the final round: source digest ${a.digest} over ${a.pages} pages, destination ${b.digest} over ${b.pages} pages`);
       }
     });
     this.checkpoint();

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { createHash } from "node:crypto";
+import { crc32c as jsCrc32c } from "@virtmesh/migration";
 import fc from "fast-check";
 import { status as Status } from "@grpc/grpc-js";
 import type { sidecar } from "@virtmesh/proto";
@@ -309,34 +309,35 @@ test("sendDirtyPages: a page dirtied again while its batch is on the wire stays 
   assert.equal(bm2.dirty, 32, "taken pages are back (a retry after a caller's cancel resends them)");
 });
 
-test("checksumPages: sha256 of (pfn LE64, page) over pages not excluded; across windows; zero pages counted", async () => {
+test("checksumPages: crc32c chained over runs of pages not excluded (first pfn, count, bytes); across windows; zero pages counted", async () => {
   const pages = 50;
   const { ram, mem } = guest(pages, (p) => (p % 4 === 0 ? 0 : (p * 7) & 0xff || 1), 3 * PG);
   const exclude = bitmapOf(pages, [1, 2, 49]);
-  const h = createHash("sha256");
-  let zero = 0;
-  for (let p = 0; p < pages; p++) {
-    if (p === 1 || p === 2 || p === 49) continue;
-    const hdr = Buffer.alloc(8);
-    hdr.writeBigUInt64LE(BigInt(p));
-    h.update(hdr);
-    h.update(ram.subarray(p * PG, (p + 1) * PG));
-    if (p % 4 === 0) zero++;
+  // The reference, with the pure-JS crc32c of @virtmesh/migration: runs [0, 1) and [3, 49).
+  let crc = 0;
+  for (const [first, end] of [[0, 1], [3, 49]] as const) {
+    const hdr = Buffer.alloc(16);
+    hdr.writeBigUInt64LE(BigInt(first), 0);
+    hdr.writeBigUInt64LE(BigInt(end - first), 8);
+    crc = jsCrc32c(hdr, 0, 16, crc);
+    crc = jsCrc32c(ram, first * PG, end * PG, crc);
   }
+  let zero = 0;
+  for (let p = 0; p < pages; p++) if (p !== 1 && p !== 2 && p !== 49 && p % 4 === 0) zero++;
   let pauses = 0;
-  const sum = await checksumPages(mem, exclude, { yieldEvery: 7, pause: () => (pauses++, Promise.resolve()) });
-  assert.deepEqual(sum, { sha256: h.digest("hex"), pages: 47, zeroPages: zero });
-  assert.equal(pauses, 7);
+  const sum = await checksumPages(mem, exclude, { yieldEvery: 1, pause: () => (pauses++, Promise.resolve()) });
+  assert.deepEqual(sum, { digest: `crc32c:${crc.toString(16).padStart(8, "0")}`, pages: 47, zeroPages: zero });
+  assert.equal(pauses, 2, "a yield after each run that leaves pages to look at");
   // No exclusion: every page; and a change in one byte changes the sum.
   const all = await checksumPages(mem, new Uint8Array(0));
   assert.equal(all.pages, 50);
   ram[20 * PG + 4095] ^= 1;
   const { mem: mem2 } = guest(pages, () => 0);
-  assert.notEqual((await checksumPages(mem, new Uint8Array(0))).sha256, all.sha256);
+  assert.notEqual((await checksumPages(mem, new Uint8Array(0))).digest, all.digest);
   const z = await checksumPages(mem2, new Uint8Array(0));
   assert.equal(z.zeroPages, 50);
   await assert.rejects(
-    checksumPages(mem, new Uint8Array(0), { yieldEvery: 10, pause: () => Promise.resolve(), alive: () => "vm 'x' was destroyed" }),
+    checksumPages(mem, exclude, { yieldEvery: 1, pause: () => Promise.resolve(), alive: () => "vm 'x' was destroyed" }),
     (e: unknown) => e instanceof GrpcError && e.code === Status.ABORTED,
   );
 });

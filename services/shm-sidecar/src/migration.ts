@@ -5,10 +5,10 @@
 //  - sendDirtyPages is ram_save_iterate / ram_find_and_save_block: every set
 //    page in pfn order, zero pages as a flag (save_zero_page), the rest with
 //    their bytes, through a rate limiter (migration_rate_limit, max-bandwidth);
-//  - checksumPages is the memory comparison the stop-and-copy phase ends with.
+//  - checksumPages is the memory comparison the stop-and-copy phase ends with (crc32c).
 // Everything here is pure or does only the I/O it is handed (a PageSink, a
 // clock, a sleep), so the unit tests drive it without gRPC, files or timers.
-import { createHash } from "node:crypto";
+import { crc32c } from "@virtmesh/shm";
 import { status as Status } from "@grpc/grpc-js";
 import type { sidecar } from "@virtmesh/proto";
 import { GrpcError } from "@virtmesh/runtime";
@@ -286,6 +286,26 @@ export class GuestPages {
     return this.window!.compare(ZERO_PAGE, 0, GUEST_PAGE_SIZE, o, o + GUEST_PAGE_SIZE) === 0;
   }
 
+  /** crc32c of pages [pfn, pfn + count) continuing from `seed`, window by window. */
+  crcPages(pfn: number, count: number, seed: number): number {
+    let crc = seed;
+    while (count > 0) {
+      const o = this.at(pfn);
+      const n = Math.min(count, (this.window!.length - o) / GUEST_PAGE_SIZE);
+      crc = crc32c(this.window!, o, n * GUEST_PAGE_SIZE, crc);
+      pfn += n;
+      count -= n;
+    }
+    return crc;
+  }
+
+  /** How many of pages [pfn, pfn + count) are all zero. */
+  countZero(pfn: number, count: number): number {
+    let zero = 0;
+    for (let p = pfn; p < pfn + count; p++) if (this.isZero(p)) zero++;
+    return zero;
+  }
+
   /** Copies page `pfn` into dst at `dstOffset`. */
   copyPage(pfn: number, dst: Buffer, dstOffset: number): void {
     const o = this.at(pfn);
@@ -425,52 +445,61 @@ export async function sendDirtyPages(bitmap: MigrationBitmap, mem: GuestPages, s
 
 const EMPTY = Buffer.alloc(0);
 
-/** Records per hash update: 64 pages plus their pfns, one scratch buffer per call. */
-const CHECKSUM_CHUNK_PAGES = 64;
-const RECORD_BYTES = 8 + GUEST_PAGE_SIZE;
+/** A checksum run never crosses a multiple of this many pages, so both sides split alike. */
+export const CHECKSUM_RUN_PAGES = 4096;
 
 export interface MemoryChecksum {
-  sha256: string;
+  digest: string;
   pages: number;
   zeroPages: number;
 }
 
 /**
- * sha256 over (pfn as 8 bytes little-endian, the page's bytes) of every page
- * not in `exclude`, in pfn order; zero pages hash as their zeros. Yields to the
- * event loop every `yieldEvery` pages (the sidecar keeps answering) and checks
- * `alive` after each yield.
+ * The switchover's memory check: crc32c (native, SSE4.2 where present) chained over
+ * every run of consecutive pages not excluded, each run as (first pfn, page count:
+ * 8 bytes LE each) then its bytes, runs split at multiples of CHECKSUM_RUN_PAGES.
+ * Both sidecars compute it over the same exclusion; equal digests mean the destination
+ * holds what the source holds. Yields to the event loop between runs (every
+ * `yieldEvery` pages at most), and stops if `alive` says the VM went away.
  */
 export async function checksumPages(
   mem: GuestPages,
   exclude: Uint8Array,
   opts: { yieldEvery?: number; pause?: () => Promise<void>; alive?: () => string | null } = {},
 ): Promise<MemoryChecksum> {
-  const yieldEvery = opts.yieldEvery ?? 4096;
+  const yieldEvery = opts.yieldEvery ?? CHECKSUM_RUN_PAGES;
   const pause = opts.pause ?? (() => new Promise<void>((r) => setImmediate(r)));
-  const hash = createHash("sha256");
-  const scratch = Buffer.allocUnsafe(CHECKSUM_CHUNK_PAGES * RECORD_BYTES);
-  let used = 0;
+  const excluded = (pfn: number) => exclude.length > 0 && ((exclude[pfn >>> 3]! >>> (pfn & 7)) & 1) === 1;
+  const hdr = Buffer.alloc(16);
+  let crc = 0;
   let pages = 0;
   let zeroPages = 0;
-  for (let pfn = 0; pfn < mem.pages; pfn++) {
-    if (pfn > 0 && pfn % yieldEvery === 0) {
+  let sinceYield = 0;
+  let pfn = 0;
+  while (pfn < mem.pages) {
+    if (excluded(pfn)) {
+      pfn++;
+      continue;
+    }
+    const limit = Math.min(mem.pages, (Math.floor(pfn / CHECKSUM_RUN_PAGES) + 1) * CHECKSUM_RUN_PAGES);
+    let end = pfn + 1;
+    while (end < limit && !excluded(end)) end++;
+    hdr.writeUInt32LE(pfn >>> 0, 0);
+    hdr.writeUInt32LE(Math.floor(pfn / 0x1_0000_0000), 4);
+    hdr.writeUInt32LE((end - pfn) >>> 0, 8);
+    hdr.writeUInt32LE(0, 12);
+    crc = crc32c(hdr, 0, 16, crc);
+    crc = mem.crcPages(pfn, end - pfn, crc);
+    zeroPages += mem.countZero(pfn, end - pfn);
+    pages += end - pfn;
+    sinceYield += end - pfn;
+    pfn = end;
+    if (sinceYield >= yieldEvery && pfn < mem.pages) {
+      sinceYield = 0;
       await pause();
       const why = opts.alive?.() ?? null;
       if (why !== null) throw new GrpcError(Status.ABORTED, why);
     }
-    if (exclude.length && ((exclude[pfn >>> 3]! >>> (pfn & 7)) & 1) === 1) continue;
-    scratch.writeUInt32LE(pfn >>> 0, used);
-    scratch.writeUInt32LE(Math.floor(pfn / 0x1_0000_0000), used + 4);
-    mem.copyPage(pfn, scratch, used + 8);
-    if (mem.isZero(pfn)) zeroPages++;
-    pages++;
-    used += RECORD_BYTES;
-    if (used === scratch.length) {
-      hash.update(scratch);
-      used = 0;
-    }
   }
-  if (used > 0) hash.update(scratch.subarray(0, used));
-  return { sha256: hash.digest("hex"), pages, zeroPages };
+  return { digest: `crc32c:${crc.toString(16).padStart(8, "0")}`, pages, zeroPages };
 }

@@ -384,8 +384,12 @@ export interface ChecksumMemoryRequest {
 }
 
 export interface MemoryChecksum {
-  /** over (pfn, page) of every page not excluded, in pfn order; zero pages as zeros */
-  sha256: string;
+  /**
+   * "crc32c:<8 hex digits>": crc32c chained over every run of consecutive pages not
+   * excluded, in pfn order, each run as (first pfn, page count: 8 bytes LE each) then
+   * its bytes. Catches a page the dirty logs missed; not a defence against an adversary.
+   */
+  digest: string;
   /** pages summed */
   pages: number;
   zeroPages: number;
@@ -4012,13 +4016,13 @@ export const ChecksumMemoryRequest: MessageFns<ChecksumMemoryRequest> = {
 };
 
 function createBaseMemoryChecksum(): MemoryChecksum {
-  return { sha256: "", pages: 0, zeroPages: 0 };
+  return { digest: "", pages: 0, zeroPages: 0 };
 }
 
 export const MemoryChecksum: MessageFns<MemoryChecksum> = {
   encode(message: MemoryChecksum, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
-    if (message.sha256 !== "") {
-      writer.uint32(10).string(message.sha256);
+    if (message.digest !== "") {
+      writer.uint32(10).string(message.digest);
     }
     if (message.pages !== 0) {
       writer.uint32(16).uint64(message.pages);
@@ -4047,7 +4051,7 @@ export const MemoryChecksum: MessageFns<MemoryChecksum> = {
               break;
             }
 
-            message.sha256 = reader.string();
+            message.digest = reader.string();
             continue;
           }
           case 2: {
@@ -4080,7 +4084,7 @@ export const MemoryChecksum: MessageFns<MemoryChecksum> = {
 
   fromJSON(object: any): MemoryChecksum {
     return {
-      sha256: isSet(object.sha256) ? globalThis.String(object.sha256) : "",
+      digest: isSet(object.digest) ? globalThis.String(object.digest) : "",
       pages: isSet(object.pages) ? globalThis.Number(object.pages) : 0,
       zeroPages: isSet(object.zeroPages)
         ? globalThis.Number(object.zeroPages)
@@ -4092,8 +4096,8 @@ export const MemoryChecksum: MessageFns<MemoryChecksum> = {
 
   toJSON(message: MemoryChecksum): unknown {
     const obj: any = {};
-    if (message.sha256 !== "") {
-      obj.sha256 = message.sha256;
+    if (message.digest !== "") {
+      obj.digest = message.digest;
     }
     if (message.pages !== 0) {
       obj.pages = Math.round(message.pages);
@@ -4109,7 +4113,7 @@ export const MemoryChecksum: MessageFns<MemoryChecksum> = {
   },
   fromPartial(object: DeepPartial<MemoryChecksum>): MemoryChecksum {
     const message = createBaseMemoryChecksum();
-    message.sha256 = object.sha256 ?? "";
+    message.digest = object.digest ?? "";
     message.pages = object.pages ?? 0;
     message.zeroPages = object.zeroPages ?? 0;
     return message;
