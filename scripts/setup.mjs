@@ -26,7 +26,8 @@ if (!existsSync(installed) || statSync(installed).mtimeMs < statSync(lock).mtime
   const r = spawnSync("npm", ["install", "--no-audit", "--no-fund"], { cwd: root, stdio: "inherit" });
   if (r.status !== 0) fail("npm install failed (see above)");
 }
-if (!existsSync(addon)) {
+const addonSource = join(root, "packages", "shm", "native", "shm.cc");
+if (!existsSync(addon) || statSync(addon).mtimeMs < statSync(addonSource).mtimeMs) {
   say("building the shared-memory addon (node-gyp)");
   const r = spawnSync("npm", ["rebuild", "@virtmesh/shm"], { cwd: root, stdio: "inherit" });
   if (r.status !== 0 || !existsSync(addon)) fail("building packages/shm failed: it needs python3, make and g++ (apt-get install build-essential python3)");
