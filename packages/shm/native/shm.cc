@@ -128,6 +128,7 @@ class Mapping : public Napi::ObjectWrap<Mapping> {
                            InstanceMethod<&Mapping::AllocatedBytes>("allocatedBytes"),
                            InstanceMethod<&Mapping::FileSize>("fileSize"),
                            InstanceMethod<&Mapping::IsMapped>("isMapped"),
+                           InstanceMethod<&Mapping::DataSegments>("dataSegments"),
                        });
   }
 
@@ -276,6 +277,37 @@ class Mapping : public Napi::ObjectWrap<Mapping> {
     struct stat st;
     if (fstat(r.fd, &st) != 0) throw SysError(env, errno, "fstat", r.path);
     return Napi::Number::New(env, static_cast<double>(st.st_size));
+  }
+
+  // [start, end) pairs of the file's data in [offset, offset + length), from
+  // lseek(SEEK_DATA / SEEK_HOLE): what lies between them is holes, which read as zeros
+  // without touching (on tmpfs: allocating) a page.
+  Napi::Value DataSegments(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Region& r = Live(env, "dataSegments");
+    if (info.Length() < 2 || !info[0].IsNumber() || !info[1].IsNumber()) {
+      Napi::TypeError::New(env, "dataSegments(offset, length)").ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+    off_t pos = static_cast<off_t>(info[0].As<Napi::Number>().DoubleValue());
+    off_t end = pos + static_cast<off_t>(info[1].As<Napi::Number>().DoubleValue());
+    Napi::Array out = Napi::Array::New(env);
+    uint32_t n = 0;
+    while (pos < end) {
+      off_t data = lseek(r.fd, pos, SEEK_DATA);
+      if (data < 0) {
+        if (errno == ENXIO) break;  // no data past pos
+        throw SysError(env, errno, "lseek(SEEK_DATA)", r.path);
+      }
+      if (data >= end) break;
+      off_t hole = lseek(r.fd, data, SEEK_HOLE);
+      if (hole < 0) throw SysError(env, errno, "lseek(SEEK_HOLE)", r.path);
+      if (hole > end) hole = end;
+      out.Set(n++, Napi::Number::New(env, static_cast<double>(data)));
+      out.Set(n++, Napi::Number::New(env, static_cast<double>(hole)));
+      pos = hole;
+    }
+    return out;
   }
 
   Napi::Value IsMapped(const Napi::CallbackInfo& info) {

@@ -24,6 +24,7 @@ interface NativeMapping {
   allocatedBytes(): number;
   fileSize(): number;
   isMapped(): boolean;
+  dataSegments(offset: number, length: number): number[];
 }
 
 /** Status codes of FutexWord.waitSync / onWake (negative: -errno). */
@@ -178,6 +179,16 @@ export class SharedMapping {
    * the end of the mapping. On tmpfs a later access (read included) through a
    * shared mapping allocates the page again.
    */
+  /**
+   * The file's data in [offset, offset + length) as [start, end) byte pairs (flat), from
+   * lseek(SEEK_DATA/SEEK_HOLE). The rest is holes: zeros a reader need not touch (on
+   * tmpfs, reading a hole through a shared mapping allocates the page).
+   */
+  dataSegments(offset: number, length: number): number[] {
+    this.checkMapped("dataSegments");
+    return this.native.dataSegments(offset, length);
+  }
+
   releaseRange(offset: number, length: number): void {
     this.checkMapped("releaseRange");
     checkInteger("releaseRange: offset", offset, 0, this.size);

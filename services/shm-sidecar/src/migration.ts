@@ -264,6 +264,8 @@ export class GuestPages {
     readonly memoryBytes: number,
     private readonly view: (offset: number, length: number) => ArrayBuffer,
     windowBytes = 1 << 30,
+    /** The memory file's data as [start, end) byte pairs (lseek SEEK_DATA/SEEK_HOLE); the rest reads as zeros. Absent: all data. */
+    private readonly dataSegments: ((offset: number, length: number) => number[]) | null = null,
   ) {
     this.pages = memoryBytes / GUEST_PAGE_SIZE;
     this.windowBytes = Math.min(memoryBytes, Math.max(GUEST_PAGE_SIZE, windowBytes - (windowBytes % GUEST_PAGE_SIZE)));
@@ -281,28 +283,86 @@ export class GuestPages {
     return off - this.windowBase;
   }
 
+  /** The hole map of one chunk of HOLE_CHUNK_PAGES pages, asked once per chunk. */
+  private holeChunk = -1;
+  private holeBits: Uint8Array | null = null;
+
+  /** Page `pfn` is a hole of the memory file: zeros, and reading it would allocate it (tmpfs). */
+  isHole(pfn: number): boolean {
+    if (!this.dataSegments) return false;
+    const chunk = Math.floor(pfn / HOLE_CHUNK_PAGES);
+    if (chunk !== this.holeChunk || !this.holeBits) {
+      const first = chunk * HOLE_CHUNK_PAGES;
+      const n = Math.min(HOLE_CHUNK_PAGES, this.pages - first);
+      const bits = (this.holeBits ??= new Uint8Array(HOLE_CHUNK_PAGES));
+      bits.fill(0);
+      for (const s of this.segments(first, n)) if (s.hole) bits.fill(1, s.pfn - first, s.pfn - first + s.count);
+      this.holeChunk = chunk;
+    }
+    return this.holeBits[pfn - chunk * HOLE_CHUNK_PAGES] === 1;
+  }
+
+  /** Forget the hole map (the file changed: pages written or punched since). */
+  forgetHoles(): void {
+    this.holeChunk = -1;
+  }
+
   isZero(pfn: number): boolean {
+    if (this.isHole(pfn)) return true;
     const o = this.at(pfn);
     return this.window!.compare(ZERO_PAGE, 0, GUEST_PAGE_SIZE, o, o + GUEST_PAGE_SIZE) === 0;
   }
 
-  /** crc32c of pages [pfn, pfn + count) continuing from `seed`, window by window. */
+  /**
+   * Pages [pfn, pfn + count) as runs of holes (zero: true, never read: on tmpfs reading
+   * a hole through the mapping would allocate it) and of data, in order.
+   */
+  private segments(pfn: number, count: number): { pfn: number; count: number; hole: boolean }[] {
+    if (!this.dataSegments) return [{ pfn, count, hole: false }];
+    const out: { pfn: number; count: number; hole: boolean }[] = [];
+    const seg = this.dataSegments(pfn * GUEST_PAGE_SIZE, count * GUEST_PAGE_SIZE);
+    let at = pfn;
+    const end = pfn + count;
+    for (let i = 0; i < seg.length; i += 2) {
+      // Data boundaries are page-aligned on tmpfs; widen to whole pages to be safe.
+      const a = Math.max(at, Math.floor(seg[i]! / GUEST_PAGE_SIZE));
+      const b = Math.min(end, Math.ceil(seg[i + 1]! / GUEST_PAGE_SIZE));
+      if (a > at) out.push({ pfn: at, count: a - at, hole: true });
+      if (b > a) out.push({ pfn: a, count: b - a, hole: false });
+      at = Math.max(at, b);
+    }
+    if (at < end) out.push({ pfn: at, count: end - at, hole: true });
+    return out;
+  }
+
+  /** crc32c of pages [pfn, pfn + count) continuing from `seed`: holes from a zero buffer, data window by window. */
   crcPages(pfn: number, count: number, seed: number): number {
     let crc = seed;
-    while (count > 0) {
-      const o = this.at(pfn);
-      const n = Math.min(count, (this.window!.length - o) / GUEST_PAGE_SIZE);
-      crc = crc32c(this.window!, o, n * GUEST_PAGE_SIZE, crc);
-      pfn += n;
-      count -= n;
+    for (const s of this.segments(pfn, count)) {
+      if (s.hole) {
+        for (let left = s.count * GUEST_PAGE_SIZE; left > 0; left -= ZERO_CHUNK.length) crc = crc32c(ZERO_CHUNK, 0, Math.min(left, ZERO_CHUNK.length), crc);
+        continue;
+      }
+      let p = s.pfn;
+      let n = s.count;
+      while (n > 0) {
+        const o = this.at(p);
+        const k = Math.min(n, (this.window!.length - o) / GUEST_PAGE_SIZE);
+        crc = crc32c(this.window!, o, k * GUEST_PAGE_SIZE, crc);
+        p += k;
+        n -= k;
+      }
     }
     return crc;
   }
 
-  /** How many of pages [pfn, pfn + count) are all zero. */
+  /** How many of pages [pfn, pfn + count) are all zero (holes without reading them). */
   countZero(pfn: number, count: number): number {
     let zero = 0;
-    for (let p = pfn; p < pfn + count; p++) if (this.isZero(p)) zero++;
+    for (const s of this.segments(pfn, count)) {
+      if (s.hole) zero += s.count;
+      else for (let p = s.pfn; p < s.pfn + s.count; p++) if (this.isZero(p)) zero++;
+    }
     return zero;
   }
 
@@ -314,6 +374,8 @@ export class GuestPages {
 }
 
 const ZERO_PAGE = Buffer.alloc(GUEST_PAGE_SIZE);
+const ZERO_CHUNK = Buffer.alloc(1 << 20);
+const HOLE_CHUNK_PAGES = 4096;
 
 /** Where SendDirty's batches go: the ReceivePages client stream of the destination sidecar (or a fake in tests). */
 export interface PageSink {
@@ -377,6 +439,9 @@ export async function sendDirtyPages(bitmap: MigrationBitmap, mem: GuestPages, s
   let data = Buffer.allocUnsafe(batchBytes);
   let dataPfns: number[] = [];
   let zeroPfns: number[] = [];
+  // Holes (never written, or punched) go as zero pages without being read: reading one
+  // through the mapping would allocate it on tmpfs.
+  mem.forgetHoles();
 
   const giveBack = (): void => {
     bitmap.orWords(taken.words);
@@ -470,6 +535,7 @@ export async function checksumPages(
   const yieldEvery = opts.yieldEvery ?? CHECKSUM_RUN_PAGES;
   const pause = opts.pause ?? (() => new Promise<void>((r) => setImmediate(r)));
   const excluded = (pfn: number) => exclude.length > 0 && ((exclude[pfn >>> 3]! >>> (pfn & 7)) & 1) === 1;
+  mem.forgetHoles();
   const hdr = Buffer.alloc(16);
   let crc = 0;
   let pages = 0;

@@ -278,7 +278,7 @@ export class VmMemory {
 
   /** Guest memory read page by page without allocating (SendDirty, ChecksumMemory). */
   guestPages(): GuestPages {
-    this.pagesReader ??= new GuestPages(this.memoryBytes, (off, len) => this.memory.view(off, len));
+    this.pagesReader ??= new GuestPages(this.memoryBytes, (off, len) => this.memory.view(off, len), undefined, (off, len) => this.memory.dataSegments(off, len));
     return this.pagesReader;
   }
 
