@@ -287,10 +287,20 @@ export async function setupGuestDriver(ctx: ServiceContext, vm: string): Promise
       const v = vmIn(R.RUN_STATE_RUNNING, R.RUN_STATE_PAUSED);
       return stress(v.blk.vcpus.stressStatus());
     }),
-    verifyStress: unary(() => {
-      const v = vmIn(R.RUN_STATE_RUNNING, R.RUN_STATE_PAUSED);
-      return v.blk.vcpus.verifyStress(v.blk.mem.bytes);
-    }),
+    // check_guests_ram reads a still walk: a running guest's vCPUs stand still for the
+    // check (between two steps, as for a pause) and go on afterwards.
+    verifyStress: unary(() =>
+      serial(async () => {
+        const v = vmIn(R.RUN_STATE_RUNNING, R.RUN_STATE_PAUSED);
+        const hold = state === R.RUN_STATE_RUNNING && v.blk.vcpus.stressStatus().running;
+        if (hold) await v.blk.vcpus.pause();
+        try {
+          return v.blk.vcpus.verifyStress(v.blk.mem.bytes);
+        } finally {
+          if (hold) v.blk.vcpus.resume();
+        }
+      }),
+    ),
     setThrottle: unary((req: guest.ThrottleRequest) => {
       const v = vmIn(R.RUN_STATE_RUNNING, R.RUN_STATE_PAUSED);
       if (!(req.pct >= 0 && req.pct <= 99)) throw new GrpcError(Status.INVALID_ARGUMENT, `pct ${req.pct} must be 0..99`);
