@@ -13,6 +13,8 @@ const BENCHES: Record<string, () => Runner> = {
   balloon: () => (require("@virtmesh/balloon") as typeof import("@virtmesh/balloon")).runBalloonBench,
   // The seed's table on vCPU threads (the package), then the guest's I/O path under its lock (a live stack).
   qspinlock: () => (require("./bench-qspinlock/qspinlock") as typeof import("./bench-qspinlock/qspinlock")).runQspinlockFullBench,
+  // vm1 migrated back and forth between hosts src and dst of one live stack, row by row.
+  migration: () => (require("./bench-migration/migration") as typeof import("./bench-migration/migration")).runMigrationBench,
   "vhost-blk": () => (require("./bench-vhost-blk/vhost-blk") as typeof import("./bench-vhost-blk/vhost-blk")).runVhostBlkBench,
 };
 
