@@ -1,7 +1,7 @@
 // VFIO type1 (v2) IOMMU container for one VM, as drivers/vfio/vfio_iommu_type1.c
 // behaves with seed 004 ("[PATCH v10 Kernel 4/5] vfio iommu: Implementation of
-// ioctl to for dirty pages tracking", /work/shared/seeds/004_ea89d47f26f71c3e.txt).
-// "seed L<n>" in comments is a line of that file.
+// ioctl to for dirty pages tracking", the fourth patch of the series adding
+// VFIO_IOMMU_DIRTY_PAGES). "seed L<n>" in comments is a line of that patch mail.
 //
 // The container holds no memory: a mapping only records iova -> guest-physical
 // address (the sidecar's guest memory file offset). Pages are the IOMMU's

@@ -74,15 +74,26 @@ export async function loadGuestVm(ctx: Ctx, vm: string, cfg: BlkConfig, sections
   const kernel = need(sections, S_KERNEL);
   const device = need(sections, S_BLK_DEVICE);
   const balloonDevice = need(sections, S_BALLOON_DEVICE);
-  const blk = await attachBlk(ctx, vm, cfg, g.blk, kernel, device);
+  // The balloon device attaches from its state while the blk device does (they share
+  // nothing but the VM, which the destination sidecar already holds): the downtime is
+  // the longer of the two, not their sum.
+  const bc = await ctx.client(ctx.config.host, "balloon-host", balloonApi.BalloonServiceClient);
+  const balloonAttach = callUnary(bc, bc.loadState, { vm, state: asBuffer(balloonDevice) });
+  balloonAttach.catch(() => undefined);
+  let blk: BlkDevice;
+  try {
+    blk = await attachBlk(ctx, vm, cfg, g.blk, kernel, device);
+  } catch (e) {
+    if (await balloonAttach.then(() => true, () => false)) await callUnary(bc, bc.detachVm, { vm }).catch(() => undefined);
+    throw e;
+  }
   try {
     const allocator = allocatorFor(blk, true);
     routeCompletions(blk);
     // The assigned device's region, mapped and pinned again in this host's container; it runs from Resume.
     const dmaState = sections.get(S_DMA_DEVICE);
     const dma = dmaState ? await DmaDevice.load(vm, sidecarIommu(await ctx.client(ctx.config.host, "shm-sidecar", sidecar.SharedMemoryServiceClient)), blk.mem.bytes, dmaState) : null;
-    const bc = await ctx.client(ctx.config.host, "balloon-host", balloonApi.BalloonServiceClient);
-    const attach = await callUnary(bc, bc.loadState, { vm, state: asBuffer(balloonDevice) });
+    const attach = await balloonAttach;
     const balloon = await startGuestBalloon({ ctx, vm, memory: blk.mem, allocator, layout: blk.layout, resume: { attach, saved: balloonGuestState(g) } });
     const workloads = sections.get(S_WORKLOADS);
     if (workloads && workloads.length > 0) await blk.vcpus.restoreWorkloads(workloads);

@@ -69,6 +69,14 @@ export interface EngineDeps {
   links?: Link[];
   /** Auto-converge's judging period; default QEMU's one second (tests shorten it). */
   throttlePeriodMs?: number;
+  /**
+   * The switchover's fixed cost (downtime less the final pages' transfer) measured by the
+   * last completed migration of this VM to this destination, if any: a better predictor
+   * than the setup's dry run, which cannot time the destination's load.
+   */
+  learnedFixedCostMs?: number;
+  /** Reports this migration's measured fixed cost once it completed. */
+  onFixedCost?(ms: number): void;
 }
 
 /** Thrown at a step boundary once a cancel was asked for. */
@@ -401,13 +409,16 @@ export class MigrationRun {
     await this.call(`ChecksumMemory(${vm}) on shm-sidecar@${srcHost}`, this.src.checksumMemory({ vm, excludeBitmap: this.skipBitmap }));
     const checksumMs = performance.now() - ck0;
     this.deviceStateEstimateBytes = est.state.length;
-    this.fixedSwitchoverMs = 2 * saveMs + checksumMs + SWITCHOVER_CALLS * rttMs;
+    const dryRunMs = 2 * saveMs + checksumMs + SWITCHOVER_CALLS * rttMs;
+    this.fixedSwitchoverMs = this.deps.learnedFixedCostMs !== undefined ? Math.max(dryRunMs, this.deps.learnedFixedCostMs) : dryRunMs;
     trace.getActiveSpan()?.setAttributes({
       "migration.memory_bytes": layout.memoryBytes,
       "migration.skipped_pages": this.c.skippedPages,
       "migration.vfio_mappings": iommu.mappings,
       "migration.device_state_estimate_bytes": est.state.length,
       "migration.device_state_save_ms": saveMs,
+      "migration.switchover_fixed_ms": this.fixedSwitchoverMs,
+      "migration.switchover_fixed_source": this.deps.learnedFixedCostMs !== undefined ? "learned from the last migration" : "dry run",
       "migration.checksum_ms": checksumMs,
     });
     this.c.setupMs = Math.round(performance.now() - t);
@@ -542,11 +553,23 @@ export class MigrationRun {
     this.c.expectedDowntimeMs = expected;
     this.c.rounds.push(round);
     span.setAttribute("migration.expected_downtime_ms", round.expectedDowntimeMs);
-    // Nothing left to send: the estimate is the switchover's fixed cost alone, which no
-    // further round can lower, so go now (and the report shows it against the limit).
-    if (shouldSwitchover(expected, this.plan.limits.downtimeLimitMs) || r.remaining === 0) {
+    // Pre-copy rounds lower only the memory part of the estimate. When the switchover's
+    // fixed cost alone is over the limit, no round can meet it: go once the memory part
+    // is within the limit (or nothing is left to send); the report shows the downtime
+    // against the limit.
+    const fixedMs = this.deviceStateMs();
+    const memoryMs = Math.max(0, expected - fixedMs);
+    const limit = this.plan.limits.downtimeLimitMs;
+    const reason = shouldSwitchover(expected, limit)
+      ? "expected downtime within the limit"
+      : r.remaining === 0
+        ? "nothing left to send"
+        : fixedMs > limit && memoryMs <= limit
+          ? `the switchover's fixed cost (${Math.round(fixedMs)} ms) alone is over the limit; the memory part is within it`
+          : "";
+    if (reason) {
       span.setAttribute("migration.switchover", true);
-      span.setAttribute("migration.switchover_reason", r.remaining === 0 ? "nothing left to send" : "expected downtime within the limit");
+      span.setAttribute("migration.switchover_reason", reason);
       this.emit();
       return true;
     }
@@ -589,7 +612,9 @@ export class MigrationRun {
     this.checkpoint();
     await this.span("final sync", (span) => this.sync(round, true, span));
     this.checkpoint();
+    const send0 = performance.now();
     await this.span("send", (span) => this.send(round, span), { "migration.round": round.round });
+    const finalSendMs = performance.now() - send0;
     this.emit();
     this.checkpoint();
     await this.span("checksum", async (span) => {
@@ -629,6 +654,8 @@ export class MigrationRun {
       }
       this.c.actualDowntimeMs = Math.round(performance.now() - tPause);
       span.setAttribute("migration.downtime_ms", this.c.actualDowntimeMs);
+      // What the switchover cost besides the final pages: the next estimate's fixed part.
+      this.deps.onFixedCost?.(Math.max(0, this.c.actualDowntimeMs - finalSendMs));
     });
   }
 

@@ -49,6 +49,8 @@ function invalid(msg: string): GrpcError {
 
 export class MigrationManager {
   private readonly runs = new Map<string, MigrationRun>();
+  /** Per VM and destination host: the switchover's fixed cost the last completed migration measured (the estimate learns it). */
+  private readonly fixedCost = new Map<string, number>();
   /** vm -> id of its migration in progress (also held while a recovery cleans up). */
   private readonly activeByVm = new Map<string, string>();
   private readonly listeners = new Map<string, Set<Listener>>();
@@ -128,7 +130,16 @@ export class MigrationManager {
       const params: migration.StartMigrationRequest = { ...req, sourceHost: srcHost, dirtyReporting };
       const run = new MigrationRun(
         { id, vm, sourceHost: srcHost, destinationHost: dstHost, params, limits, dirtyReporting },
-        { peers: this.deps.peers, onChange: (s) => this.record(s), logger: this.deps.logger, now: this.deps.now, links, throttlePeriodMs: this.deps.throttlePeriodMs },
+        {
+          peers: this.deps.peers,
+          onChange: (s) => this.record(s),
+          logger: this.deps.logger,
+          now: this.deps.now,
+          links,
+          throttlePeriodMs: this.deps.throttlePeriodMs,
+          learnedFixedCostMs: this.fixedCost.get(`${vm}>${dstHost}`),
+          onFixedCost: (ms) => this.fixedCost.set(`${vm}>${dstHost}`, ms),
+        },
       );
       this.runs.set(id, run);
       this.activeByVm.set(vm, id);
