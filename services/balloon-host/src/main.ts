@@ -133,6 +133,8 @@ void runService({
     // keep running and do not attach again): from the state file it persisted
     // (ballooned pages, target, features) if the VM's memory is still the one it
     // served, else from the config page's marker with an empty bitmap.
+    // The channel to this host's sidecar is up before a migrated VM's LoadState needs it.
+    void ctx.client(host, "shm-sidecar", sidecar.SharedMemoryServiceClient).then((c) => c.getChannel().getConnectivityState(true), () => undefined);
     const describeAll = async () => {
       const c = await ctx.client(host, "shm-sidecar", sidecar.SharedMemoryServiceClient);
       return (await callUnary(c, c.listVms, {})).vms;

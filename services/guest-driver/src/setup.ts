@@ -366,7 +366,14 @@ export async function setupGuestDriver(ctx: ServiceContext, vm: string): Promise
   });
 
   // An incoming guest keeps warm vCPU threads, so a migrated VM's vCPUs start within the downtime.
-  const warmVcpus = (): void => GuestVcpus.warm(Math.min(cfg.vcpus, WARM_VCPUS));
+  // ... and its connections to this host's services up, so that no channel is set up
+  // within the downtime either.
+  const warmVcpus = (): void => {
+    GuestVcpus.warm(Math.min(cfg.vcpus, WARM_VCPUS));
+    clients().then((c) => {
+      for (const x of [c.sc, c.vw, c.ct, c.bc]) x.getChannel().getConnectivityState(true);
+    }, quiet);
+  };
   if (incomingMode === "1") {
     ctx.logger.info({ vm }, "incoming mode: no VM created, waiting for a migration");
     warmVcpus();

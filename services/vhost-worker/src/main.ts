@@ -29,6 +29,9 @@ void runService({
       imageDirs: imageDirs(),
     });
     table.restoreAll((msg, fields) => ctx.logger.info(fields, msg));
+    // The channel to this host's sidecar is up before the first SET_OWNER needs it (a
+    // migrated VM's arrives within its downtime).
+    void ctx.client(ctx.config.host, "shm-sidecar", sidecar.SharedMemoryServiceClient).then((c) => c.getChannel().getConnectivityState(true), () => undefined);
     ctx.addService("virtmesh.vhost.v1.VhostBlkService", vhost.VhostBlkServiceService, vhostBlkService(table));
     return {
       async stop() {
