@@ -3,3 +3,4 @@ export { runService, die, type ServiceContext, type ServiceHooks, type ServiceDe
 export { HealthImplementation } from "./health";
 export { ProbeRouter, ProbeError, checkRoute } from "./probe";
 export { unary, GrpcError } from "./grpc";
+export { guardRefusals, capDetails, MAX_DETAILS, type RefusalLog } from "./refusals";

@@ -18,6 +18,7 @@ import { health, probe } from "@virtmesh/proto";
 import { HealthImplementation } from "./health";
 import { ProbeRouter } from "./probe";
 import { GrpcError } from "./grpc";
+import { guardRefusals } from "./refusals";
 import { ClientCache, type ClientCtor } from "./clients";
 
 export type { ClientCtor };
@@ -112,7 +113,8 @@ export async function runService(def: ServiceDefinitionOptions): Promise<void> {
     health: healthImpl,
     meta: {},
     addService(name, d, impl) {
-      server.addService(d, impl);
+      // Every refusal: a short status message, logged once at warn with the trace id.
+      server.addService(d, guardRefusals(d, impl, (f, msg) => logger.warn(f, `refused ${f.method}: ${f.codeName}: ${msg}`)));
       apis.push(name);
     },
     async client(host, inst, ctor) {
