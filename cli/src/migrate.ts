@@ -13,6 +13,8 @@ import { connectNats, drainNats, Registry } from "@virtmesh/nats";
 import { callUnary, migration } from "@virtmesh/proto";
 import { defaultStateDir, readState } from "./state";
 import { CliError, UsageError } from "./errors";
+import { formatBytes } from "./balloon";
+import { phaseName } from "@virtmesh/migration";
 
 const P = migration.MigrationPhase;
 type Status = migration.MigrationStatus;
@@ -92,33 +94,7 @@ export function startRequest(vmArg: string, v: MigrateValues): migration.StartMi
   });
 }
 
-export function formatBytes(n: number): string {
-  if (n < 1024) return `${n} B`;
-  const units = ["KiB", "MiB", "GiB", "TiB"];
-  let v = n / 1024;
-  let i = 0;
-  while (v >= 1024 && i < units.length - 1) {
-    v /= 1024;
-    i++;
-  }
-  return `${v.toFixed(1)} ${units[i]}`;
-}
-
 const rate = (n: number) => `${formatBytes(n)}/s`;
-
-function phaseWord(p: migration.MigrationPhase): string {
-  return (
-    {
-      [P.MIGRATION_PHASE_SETUP]: "setup",
-      [P.MIGRATION_PHASE_PRECOPY]: "pre-copy",
-      [P.MIGRATION_PHASE_STOP_AND_COPY]: "stop-and-copy",
-      [P.MIGRATION_PHASE_COMPLETED]: "completed",
-      [P.MIGRATION_PHASE_FAILED]: "failed",
-      [P.MIGRATION_PHASE_CANCELLED]: "cancelled",
-      [P.MIGRATION_PHASE_CANCELLING]: "cancelling",
-    } as Record<number, string>
-  )[p] ?? "unknown";
-}
 
 const isFinal = (p: migration.MigrationPhase) => p === P.MIGRATION_PHASE_COMPLETED || p === P.MIGRATION_PHASE_FAILED || p === P.MIGRATION_PHASE_CANCELLED;
 
@@ -129,7 +105,7 @@ export function progressLine(s: Status, width = 24): string {
   const filled = Math.round(done * width);
   const exp = s.expectedDowntimeMs === 0xffffffff ? "∞" : `${s.expectedDowntimeMs}`;
   return (
-    `${s.id} [${"#".repeat(filled)}${".".repeat(width - filled)}] ${(done * 100).toFixed(0).padStart(3)}% ${phaseWord(s.phase)}` +
+    `${s.id} [${"#".repeat(filled)}${".".repeat(width - filled)}] ${(done * 100).toFixed(0).padStart(3)}% ${phaseName(s.phase)}` +
     ` round ${s.round} sent ${formatBytes(s.transferredBytes)} left ${formatBytes(s.remainingBytes)}` +
     ` dirty ${rate(s.dirtyRateBytesPerS)} bw ${rate(s.bandwidthBytesPerS)} throttle ${s.throttlePct}% expected ${exp}/${s.downtimeLimitMs} ms`
   );
@@ -139,7 +115,7 @@ export function progressLine(s: Status, width = 24): string {
 export function formatReport(s: Status): string {
   const exp = s.expectedDowntimeMs === 0xffffffff ? "unbounded" : `${s.expectedDowntimeMs} ms`;
   const lines = [
-    `migration ${s.id}: ${s.vm} ${s.sourceHost} -> ${s.destinationHost}: ${phaseWord(s.phase)}${s.error ? ` (${s.error})` : ""}`,
+    `migration ${s.id}: ${s.vm} ${s.sourceHost} -> ${s.destinationHost}: ${phaseName(s.phase)}${s.error ? ` (${s.error})` : ""}`,
     `  total        ${s.totalMs} ms (setup ${s.setupMs} ms)`,
     `  downtime     ${s.phase === P.MIGRATION_PHASE_COMPLETED ? `${s.actualDowntimeMs} ms` : "-"} (limit ${s.downtimeLimitMs} ms, expected ${exp})` +
       (s.phase === P.MIGRATION_PHASE_COMPLETED ? (s.actualDowntimeMs <= s.downtimeLimitMs ? " within the limit" : " OVER the limit") : ""),
@@ -281,7 +257,7 @@ async function status(id: string | undefined, values: MigrateValues): Promise<nu
     process.stdout.write("ID              VM        FROM -> TO       PHASE          TOTAL ms  DOWNTIME ms  ROUNDS  ERROR\n");
     for (const s of migrations) {
       process.stdout.write(
-        `${s.id.padEnd(15)} ${s.vm.padEnd(9)} ${`${s.sourceHost} -> ${s.destinationHost}`.padEnd(16)} ${phaseWord(s.phase).padEnd(14)} ${String(s.totalMs).padStart(8)}  ${String(s.actualDowntimeMs).padStart(11)}  ${String(s.rounds.length).padStart(6)}  ${s.error}\n`,
+        `${s.id.padEnd(15)} ${s.vm.padEnd(9)} ${`${s.sourceHost} -> ${s.destinationHost}`.padEnd(16)} ${phaseName(s.phase).padEnd(14)} ${String(s.totalMs).padStart(8)}  ${String(s.actualDowntimeMs).padStart(11)}  ${String(s.rounds.length).padStart(6)}  ${s.error}\n`,
       );
     }
     return 0;
@@ -295,7 +271,7 @@ async function cancel(id: string, values: MigrateValues): Promise<number> {
     });
     const final = await follow(c, id, () => {});
     if (values.json) process.stdout.write(`${JSON.stringify(statusJson(final), null, 2)}\n`);
-    else process.stdout.write(`${id}: ${phaseWord(s.phase)} -> ${phaseWord(final.phase)}${final.error ? ` (${final.error})` : ""}\n`);
+    else process.stdout.write(`${id}: ${phaseName(s.phase)} -> ${phaseName(final.phase)}${final.error ? ` (${final.error})` : ""}\n`);
     return final.phase === P.MIGRATION_PHASE_CANCELLED ? 0 : 1;
   });
 }
